@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+import torch
+
+from tempflow import sde
+
+diffusers = pytest.importorskip("diffusers")
+Scheduler = diffusers.FlowMatchEulerDiscreteScheduler
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10, 28, 40])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_static_shift_grid_is_diffusers(steps, shift):
+    s = Scheduler(shift=shift)
+    s.set_timesteps(steps)
+    g = sde.time_grid(steps, shift=shift)
+    assert torch.equal(g.sigmas, s.sigmas) and torch.equal(g.timesteps, s.timesteps)
+
+
+def test_sd3_grid_values_from_the_spec():
+    expected = [1.0, 0.9601, 0.9133, 0.8577, 0.7904, 0.7073, 0.6022, 0.4649, 0.278, 0.0089, 0.0]
+    assert np.allclose(sde.time_grid(10, shift=3.0).sigmas.tolist(), expected, atol=6e-5)
+
+
+@pytest.mark.parametrize("steps", [4, 10, 28])
+@pytest.mark.parametrize("tokens", [256, 1024, 4096])
+def test_flux_grids_are_diffusers(steps, tokens):
+    mu = sde.flux_mu(tokens)
+    s = Scheduler(shift=3.0, use_dynamic_shifting=True)
+    s.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    g = sde.flux_time_grid(steps, tokens)
+    assert torch.equal(g.sigmas, s.sigmas) and torch.equal(g.timesteps, s.timesteps)
+    s2 = Scheduler(use_dynamic_shifting=True)
+    s2.set_timesteps(steps, mu=mu)
+    g2 = sde.time_grid(steps, mu=mu)
+    assert torch.equal(g2.sigmas, s2.sigmas) and torch.equal(g2.timesteps, s2.timesteps)
+
+
+def test_flux_mu_endpoints():
+    assert sde.flux_mu(256) == pytest.approx(0.5)
+    assert sde.flux_mu(4096) == pytest.approx(1.15)
+    assert sde.flux_mu(2176) == pytest.approx(0.825)
+
+
+def test_grid_from_scheduler_any_config():
+    s = Scheduler(shift=3.0, use_karras_sigmas=True)
+    s.set_timesteps(12)
+    g = sde.grid_from_scheduler(s)
+    assert torch.equal(g.sigmas, s.sigmas) and g.num_steps == 12
+    with pytest.raises(TypeError, match="flow-matching scheduler"):
+        sde.grid_from_scheduler(object())
+
+
+def test_grid_bad_input():
+    with pytest.raises(ValueError, match="positive integer"):
+        sde.time_grid(0)
+    with pytest.raises(ValueError, match=r"lie in \(0, 1\]"):
+        sde.time_grid(3, sigmas=[1.0, 0.5, 1.5])
+    with pytest.raises(ValueError, match="must lie in"):
+        sde.TimeGrid(torch.tensor([1000.0, 500.0, 0.0]), torch.tensor([1000.0, 500.0]))
+    with pytest.raises(ValueError, match="strictly decrease"):
+        sde.TimeGrid(torch.tensor([0.5, 0.8, 0.0]), torch.tensor([500.0, 800.0]))
+    with pytest.raises(ValueError, match="timesteps must have"):
+        sde.TimeGrid(torch.tensor([1.0, 0.5, 0.0]), torch.tensor([1000.0]))
