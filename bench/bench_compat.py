@@ -12,6 +12,7 @@ at 1024 px (4096x64 packed tokens), B in {1, 24}. Modes: ``sample`` (draw the ne
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -39,6 +40,12 @@ class GridScheduler:
         return indices[1 if len(indices) > 1 else 0].item()
 
 
+def _call(fn, sched, v, ts, x, prev, device):
+    """Sample mode (``prev is None``: draw with a fresh generator) or score mode (log-prob of ``prev``)."""
+    gen = torch.Generator(device).manual_seed(0) if prev is None else None
+    return fn(sched, v, ts, x, 0.7, prev_sample=prev, generator=gen)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -57,20 +64,13 @@ def main() -> None:
             ts = sched.timesteps[torch.arange(batch, device=device) % 9]
             prev = eager_sde_step_with_logprob(sched, v, ts, x)[0]
             for mode in ("sample", "score"):
-                kw = {"prev_sample": prev} if mode == "score" else {}
-
-                def run(fn):
-                    gen = None if mode == "score" else torch.Generator(device).manual_seed(0)
-                    return fn(sched, v, ts, x, 0.7, generator=gen, **kw)
-
-                ours, theirs = run(sde_step_with_logprob), run(eager_sde_step_with_logprob)
-                for a, b in zip(ours, theirs, strict=True):
+                calls = {
+                    name: functools.partial(_call, fn, sched, v, ts, x, prev if mode == "score" else None, device)
+                    for name, fn in (("eager", eager_sde_step_with_logprob), ("ours", sde_step_with_logprob))
+                }
+                for a, b in zip(calls["ours"](), calls["eager"](), strict=True):
                     torch.testing.assert_close(a, b.expand_as(a), rtol=1e-5, atol=1e-5)
-                times = harness.compare(
-                    {"eager": lambda: run(eager_sde_step_with_logprob), "ours": lambda: run(sde_step_with_logprob)},
-                    device,
-                    reps=reps,
-                )
+                times = harness.compare(calls, device, reps=reps)
                 t_eager, t_ours = times["eager"], times["ours"]
                 # bytes a single fused pass must move: bf16 x, v (+ prev) in; fp32 prev, mean out (+ B log-probs)
                 n = x.numel()

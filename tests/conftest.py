@@ -11,4 +11,3 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
-
