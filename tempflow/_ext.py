@@ -47,7 +47,27 @@ def load(name: str) -> tuple[bool, str]:
 
 def _register_fakes() -> None:
     """Fake (meta) implementations so torch.compile and FakeTensor can trace through the C++ ops."""
+    lib = "tempflow_cpu::"
 
-    @torch.library.register_fake("tempflow::philox_normal")
+    @torch.library.register_fake(lib + "philox_normal")
     def _(keys, n, offset=0):
         return keys.new_empty((keys.numel(), n), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "branch_sample")
+    def _(x, v, coef_x, coef_v, std, noise, keys, K, return_mean):
+        b, d = x.shape
+        mean = x.new_empty((b, d) if return_mean else (0,), dtype=torch.float32)
+        return x.new_empty((b, K, d), dtype=torch.float32), x.new_empty((b, K), dtype=torch.float32), mean
+
+    @torch.library.register_fake(lib + "branch_logp")
+    def _(v, x, actions, coef_x, coef_v, v_ref):
+        b, k, _ = actions.shape
+        return v.new_empty((b, k), dtype=torch.float32), v.new_empty((b,), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "branch_logp_backward")
+    def _(alpha, beta, v, x, actions, coef_x, coef_v, v_ref):
+        return torch.empty_like(v)
+
+    @torch.library.register_fake(lib + "cfg_ode_step")
+    def _(x, v_uncond, v_cond, guidance, dt):
+        return torch.empty_like(x, dtype=torch.float32)

@@ -349,7 +349,9 @@ def _check_pair(x: torch.Tensor, v: torch.Tensor, check_finite: bool) -> None:
 def sde_mean(x: torch.Tensor, v: torch.Tensor, step, table: SDETable) -> torch.Tensor:
     """``mean = coef_x[k] x + coef_v[k] v`` in fp32 (differentiable in ``v`` and ``x``)."""
     cx, cv, _ = coefficients(step, table, x)
-    return torch.addcmul(x.float() * cx, v.float(), cv)
+    # two roundings, no fused multiply-add: every backend (C++ built with -ffp-contract=off, Triton without fp
+    # fusion) reproduces this bit for bit on every CPU
+    return x.float() * cx + v.float() * cv
 
 
 def sde_step(

@@ -140,16 +140,16 @@ def test_cpp_op_traces_with_torch_compile():
     compiled = torch.compile(lambda k: ops.philox_normal(k, 33, backend="cpu") * 2.0, fullgraph=True)
     assert torch.equal(compiled(keys), 2.0 * ops.philox_normal(keys, 33, backend="cpu"))
     with torch._subclasses.fake_tensor.FakeTensorMode():
-        fake = torch.ops.tempflow.philox_normal(torch.empty(5, dtype=torch.int64), 7)
+        fake = torch.ops.tempflow_cpu.philox_normal(torch.empty(5, dtype=torch.int64), 7)
         assert fake.shape == (5, 7) and fake.dtype == torch.float32
 
 
 @cpp
 def test_cpp_op_checks_arguments():
     with pytest.raises(RuntimeError, match="keys must be int64"):
-        torch.ops.tempflow.philox_normal(torch.zeros(3, dtype=torch.int32), 4)
+        torch.ops.tempflow_cpu.philox_normal(torch.zeros(3, dtype=torch.int32), 4)
     with pytest.raises(RuntimeError, match="n must be >= 0"):
-        torch.ops.tempflow.philox_normal(torch.zeros(3, dtype=torch.int64), -1)
+        torch.ops.tempflow_cpu.philox_normal(torch.zeros(3, dtype=torch.int64), -1)
 
 
 triton_ok = pytest.mark.skipif(

@@ -1,22 +1,19 @@
-// tempflow C++ CPU kernels, registered as torch.library ops in the `tempflow` namespace.
-// Arguments are checked once here, at the API edge; the loops below assume contiguous, typed inputs.
+// Counter-based normal noise on the CPU: out[s, i] = philox_normal(keys[s], offset + i) (see csrc/philox.h).
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
-#include <torch/library.h>
 
+#include "cpu/ops.h"
 #include "philox.h"
 
 namespace tempflow {
-namespace {
 
 // keys (S,) int64 -> out (S, n) fp32 with out[s, i] = philox_normal(keys[s], offset + i).
 at::Tensor philox_normal_cpu(const at::Tensor& keys, int64_t n, int64_t offset) {
-  TORCH_CHECK(keys.device().is_cpu(), "tempflow::philox_normal (cpu): keys must be a CPU tensor, got ",
+  TORCH_CHECK(keys.device().is_cpu(), "philox_normal (cpu): keys must be a CPU tensor, got ",
               keys.device());
-  TORCH_CHECK(keys.scalar_type() == at::kLong, "tempflow::philox_normal: keys must be int64, got ",
+  TORCH_CHECK(keys.scalar_type() == at::kLong, "philox_normal: keys must be int64, got ",
               keys.scalar_type());
-  TORCH_CHECK(n >= 0, "tempflow::philox_normal: n must be >= 0, got ", n);
-  TORCH_CHECK(offset >= 0, "tempflow::philox_normal: offset must be >= 0, got ", offset);
+  TORCH_CHECK(n >= 0, "philox_normal: n must be >= 0, got ", n);
+  TORCH_CHECK(offset >= 0, "philox_normal: offset must be >= 0, got ", offset);
   const at::Tensor k = keys.contiguous().reshape({-1});
   const int64_t rows = k.numel();
   at::Tensor out = at::empty({rows, n}, keys.options().dtype(at::kFloat));
@@ -38,17 +35,4 @@ at::Tensor philox_normal_cpu(const at::Tensor& keys, int64_t n, int64_t offset) 
   return out;
 }
 
-}  // namespace
-
-TORCH_LIBRARY(tempflow, m) {
-  m.def("philox_normal(Tensor keys, int n, int offset=0) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(tempflow, CPU, m) {
-  m.impl("philox_normal", &philox_normal_cpu);
-}
-
 }  // namespace tempflow
-
-// The module itself is empty: importing it registers the ops above with torch.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}
