@@ -70,7 +70,7 @@ if torch is not None:
                 "tempflow._C",
                 cpu_sources,
                 include_dirs=[os.path.join(ROOT, "csrc")],
-                extra_compile_args=["-O3", "-std=c++17", "-ffp-contract=off", *openmp],
+                extra_compile_args=["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", *openmp],
                 extra_link_args=openmp,
             )
         )

@@ -16,7 +16,6 @@
 #include <vector>
 
 #include "cpu/ops.h"
-#include "philox.h"
 
 namespace tempflow {
 namespace {
@@ -105,8 +104,7 @@ void sample_kernel(const TS* x, const TV* v, const float* cx, const float* cv, c
           const TA* nz = noise + row * D + i0;
           for (int64_t i = 0; i < n; ++i) e[i] = static_cast<float>(nz[i]);
         } else {
-          const uint64_t key = static_cast<uint64_t>(keys[row]);
-          for (int64_t i = 0; i < n; ++i) e[i] = philox_normal(key, static_cast<uint64_t>(i0 + i));
+          philox_normal_block(static_cast<uint64_t>(keys[row]), static_cast<uint64_t>(i0), n, e.data());
         }
         float* o = out + row * D + i0;
         float acc = 0.f;

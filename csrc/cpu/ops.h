@@ -3,12 +3,16 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <optional>
 #include <tuple>
 
 namespace tempflow {
 
 at::Tensor philox_normal_cpu(const at::Tensor& keys, int64_t n, int64_t offset);
+
+// out[i] = philox_normal(key, start + i) for i < n, vectorised (csrc/cpu/philox.cpp).
+void philox_normal_block(uint64_t key, uint64_t start, int64_t n, float* out);
 
 // x, v (B, D); cx, cv, std (B,) fp32; noise (B, K, D) or keys (B, K) int64.
 // -> samples (B, K, D) fp32, sums (B, K) fp32 = sum_d (sample - mean)^2, mean (B, D) fp32 (empty unless asked)
