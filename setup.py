@@ -77,6 +77,7 @@ if torch is not None:
         info["extensions"]["_C"] = {"built": True, "reason": ""}
 
     cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    cuda_sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
     from torch.utils.cpp_extension import CUDA_HOME
 
     if _flag("TEMPFLOW_SKIP_CUDA_BUILD"):
@@ -99,7 +100,11 @@ if torch is not None:
                 "tempflow._C_cuda",
                 cuda_sources,
                 include_dirs=[os.path.join(ROOT, "csrc")],
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "--use_fast_math", *gencode]},
+                # --fmad=false: `mean + std * eps` must round like the torch reference (no FMA contraction)
+                extra_compile_args={
+                    "cxx": ["-O3", "-std=c++17", "-ffp-contract=off"],
+                    "nvcc": ["-O3", "-std=c++17", "--fmad=false", *gencode],
+                },
             )
         )
         info["extensions"]["_C_cuda"] = {"built": True, "reason": ""}

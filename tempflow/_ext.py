@@ -40,34 +40,17 @@ def load(name: str) -> tuple[bool, str]:
         return False, f"built but failed to load ({type(exc).__name__}: {exc}); rebuild against torch " + (
             f"{torch.__version__} with `pip install --no-build-isolation -e .`"
         )
-    if name == "_C":
-        _register_fakes()
+    _register_fakes("tempflow_cpu" if name == "_C" else "tempflow_cuda")
     return True, ""
 
 
-def _register_fakes() -> None:
-    """Fake (meta) implementations so torch.compile and FakeTensor can trace through the C++ ops."""
-    lib = "tempflow_cpu::"
+def _register_fakes(namespace: str) -> None:
+    """Fake (meta) implementations so torch.compile and FakeTensor can trace through the compiled ops that Python
+    calls directly. (The branch ops are reached through the device-independent custom ops of tempflow.ops, which
+    carry their own fakes.)"""
+    if namespace != "tempflow_cpu":
+        return
 
-    @torch.library.register_fake(lib + "philox_normal")
+    @torch.library.register_fake("tempflow_cpu::philox_normal")
     def _(keys, n, offset=0):
         return keys.new_empty((keys.numel(), n), dtype=torch.float32)
-
-    @torch.library.register_fake(lib + "branch_sample")
-    def _(x, v, coef_x, coef_v, std, noise, keys, K, return_mean):
-        b, d = x.shape
-        mean = x.new_empty((b, d) if return_mean else (0,), dtype=torch.float32)
-        return x.new_empty((b, K, d), dtype=torch.float32), x.new_empty((b, K), dtype=torch.float32), mean
-
-    @torch.library.register_fake(lib + "branch_logp")
-    def _(v, x, actions, coef_x, coef_v, v_ref):
-        b, k, _ = actions.shape
-        return v.new_empty((b, k), dtype=torch.float32), v.new_empty((b,), dtype=torch.float32)
-
-    @torch.library.register_fake(lib + "branch_logp_backward")
-    def _(alpha, beta, v, x, actions, coef_x, coef_v, v_ref):
-        return torch.empty_like(v)
-
-    @torch.library.register_fake(lib + "cfg_ode_step")
-    def _(x, v_uncond, v_cond, guidance, dt):
-        return torch.empty_like(x, dtype=torch.float32)

@@ -12,6 +12,7 @@ Backends:
   ``torch``   the pure-torch reference (tempflow.rng, tempflow.sde); always available, any device.
   ``cpu``     C++ with OpenMP (csrc/cpu), CPU tensors; available when the extension was built.
   ``triton``  Triton kernels (kernels/), CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``.
+  ``cuda``    hand-written CUDA kernels (csrc/cuda), CUDA tensors; built only against a CUDA build of torch.
 
 The choice is made per call from the tensor's device: ``backend=`` (argument) or ``TEMPFLOW_BACKEND``
 (environment) name one explicitly, and a named backend that cannot serve the device raises; ``auto``
@@ -41,11 +42,12 @@ __all__ = [
     "philox_normal",
 ]
 
-BACKENDS = ("torch", "cpu", "triton")
+BACKENDS = ("torch", "cpu", "triton", "cuda")
 _log = logging.getLogger("tempflow.ops")
 _warned: set[str] = set()
 # Looked up once at import, so that resolving a backend inside torch.compile is plain Python.
 _CPU_LOADED, _CPU_REASON = _ext.load("_C")
+_CUDA_LOADED, _CUDA_REASON = _ext.load("_C_cuda")
 
 
 def _triton_status(device: torch.device) -> str:
@@ -65,7 +67,13 @@ def backend_status(device: torch.device | str = "cpu") -> dict[str, str]:
         cpu = f"C++ kernels need CPU tensors, got {device.type}"
     else:
         cpu = ""
-    return {"torch": "", "cpu": cpu, "triton": _triton_status(device)}
+    if not _CUDA_LOADED:
+        cuda = _CUDA_REASON
+    elif device.type != "cuda":
+        cuda = f"CUDA kernels need CUDA tensors, got {device.type}"
+    else:
+        cuda = ""
+    return {"torch": "", "cpu": cpu, "triton": _triton_status(device), "cuda": cuda}
 
 
 def resolve_backend(device: torch.device | str, backend: str | None = None) -> str:
@@ -84,7 +92,7 @@ def resolve_backend(device: torch.device | str, backend: str | None = None) -> s
                 + ", ".join(b for b, why in status.items() if not why)
             )
         return requested
-    preferred = ("triton", "torch") if device.type == "cuda" else ("cpu", "torch")
+    preferred = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
     for name in preferred:
         if not status[name]:
             if name == "torch" and device.type not in _warned:
@@ -141,6 +149,8 @@ def _branch_sample_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "cpu":
         return torch.ops.tempflow_cpu.branch_sample(x, v, coef_x, coef_v, std, noise, keys, K, return_mean)
+    if backend == "cuda":
+        return torch.ops.tempflow_cuda.branch_sample(x, v, coef_x, coef_v, std, noise, keys, K, return_mean)
     return _triton_branch().branch_sample(x, v, coef_x, coef_v, std, noise, keys, K, return_mean)
 
 
@@ -163,6 +173,8 @@ def _branch_logp_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "cpu":
         return torch.ops.tempflow_cpu.branch_logp(v, x, actions, coef_x, coef_v, v_ref)
+    if backend == "cuda":
+        return torch.ops.tempflow_cuda.branch_logp(v, x, actions, coef_x, coef_v, v_ref)
     return _triton_branch().branch_logp(v, x, actions, coef_x, coef_v, v_ref)
 
 
@@ -186,6 +198,8 @@ def _branch_logp_backward_op(
 ) -> torch.Tensor:
     if backend == "cpu":
         return torch.ops.tempflow_cpu.branch_logp_backward(alpha, beta, v, x, actions, coef_x, coef_v, v_ref)
+    if backend == "cuda":
+        return torch.ops.tempflow_cuda.branch_logp_backward(alpha, beta, v, x, actions, coef_x, coef_v, v_ref)
     return _triton_branch().branch_logp_backward(alpha, beta, v, x, actions, coef_x, coef_v, v_ref)
 
 
@@ -224,6 +238,8 @@ def _cfg_ode_op(
 ) -> torch.Tensor:
     if backend == "cpu":
         return torch.ops.tempflow_cpu.cfg_ode_step(x, v_uncond, v_cond, guidance, dt)
+    if backend == "cuda":
+        return torch.ops.tempflow_cuda.cfg_ode_step(x, v_uncond, v_cond, guidance, dt)
     return _triton_branch().cfg_ode_step(x, v_uncond, v_cond, guidance, dt)
 
 

@@ -5,11 +5,22 @@ import torch
 
 from tempflow import _ext, ops, rng, sde
 
+_GPU = torch.cuda.is_available()
+
+
+def _case(backend, device):
+    status = ops.backend_status(device)[backend] if (device == "cpu" or _GPU) else "no CUDA device"
+    mark = pytest.mark.skipif(bool(status), reason=status)
+    return pytest.param((backend, device), id=f"{backend}-{device}", marks=mark)
+
+
+# every compiled backend on every device it serves: C++ on CPU, Triton through the interpreter on CPU (in CI) and
+# compiled on a GPU, the hand-written CUDA kernels on a GPU
 BACKENDS = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not _ext.load("_C")[0], reason="C++ extension not built")),
-    pytest.param(
-        "triton", marks=pytest.mark.skipif(ops.backend_status("cpu")["triton"] != "", reason="triton unavailable")
-    ),
+    _case("cpu", "cpu"),
+    _case("triton", "cpu"),
+    _case("triton", "cuda"),
+    _case("cuda", "cuda"),
 ]
 # awkward shapes: B = 1, odd sizes, sizes that do not divide the blocks (1024 / 2048), packed 3-D tokens, video
 SHAPES = {
@@ -27,22 +38,22 @@ def _poison(monkeypatch):
     monkeypatch.setenv("TEMPFLOW_POISON_OUTPUTS", "1")
 
 
-def _table(schedule="flow-grpo"):
-    return sde.sde_table(sde.time_grid(10, shift=3.0), schedule, 0.7)
-
-
-def _inputs(shape, dtype, K, seed=0):
+def _inputs(shape, dtype, K, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g).to(dtype)
     v = torch.randn(shape, generator=g).to(dtype)
     noise = torch.randn((shape[0], K, *shape[1:]), generator=g)
     steps = torch.arange(shape[0]) * 3 % 9
-    return x, v, noise, steps
+    return x.to(device), v.to(device), noise.to(device), steps.to(device)
 
 
-def _keys(b, K, seed=5):
-    ids = torch.tensor([[[p, 0, 2, j] for j in range(K)] for p in range(b)])
+def _keys(b, K, device="cpu", seed=5):
+    ids = torch.tensor([[[p, 0, 2, j] for j in range(K)] for p in range(b)], device=device)
     return rng.stream_keys(seed, ids)
+
+
+def _table(schedule="flow-grpo", device="cpu"):
+    return sde.sde_table(sde.time_grid(10, shift=3.0, device=device), schedule, 0.7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -50,8 +61,9 @@ def _keys(b, K, seed=5):
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 def test_branch_step_with_given_noise(backend, K, shape, dtype):
-    table = _table()
-    x, v, noise, steps = _inputs(shape, dtype, K)
+    backend, device = backend
+    table = _table(device=device)
+    x, v, noise, steps = _inputs(shape, dtype, K, device)
     for step in (steps, 4):
         ref = ops.branch_step(x, v, step, table, K, noise=noise, return_mean=True, backend="torch")
         out = ops.branch_step(x, v, step, table, K, noise=noise, return_mean=True, backend=backend)
@@ -66,10 +78,11 @@ def test_branch_step_with_given_noise(backend, K, shape, dtype):
 @pytest.mark.parametrize("schedule", ["flow-grpo", "cps", "dance"])
 @pytest.mark.parametrize("shape", [SHAPES["sd3-4092"], SHAPES["flux-packed"]], ids=["sd3", "flux"])
 def test_branch_step_generates_the_rng_stream(backend, schedule, shape):
-    table = _table(schedule)
+    backend, device = backend
+    table = _table(schedule, device)
     K = 6
-    x, v, _, steps = _inputs(shape, torch.float32, K)
-    keys = _keys(shape[0], K)
+    x, v, _, steps = _inputs(shape, torch.float32, K, device)
+    keys = _keys(shape[0], K, device)
     ref = ops.branch_step(x, v, steps, table, K, keys=keys, backend="torch")
     out = ops.branch_step(x, v, steps, table, K, keys=keys, backend=backend)
     # the noise is tempflow.rng's stream: integers exact, log/cos to the last bits of each math library
@@ -84,9 +97,10 @@ def test_branch_step_generates_the_rng_stream(backend, schedule, shape):
 @pytest.mark.parametrize("shape", [SHAPES["b1-odd"], SHAPES["sd3-4092"], SHAPES["video"]], ids=["b1", "sd3", "video"])
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 def test_branch_score(backend, shape, dtype):
-    table = _table()
+    backend, device = backend
+    table = _table(device=device)
     K = 6
-    x, v, noise, steps = _inputs(shape, dtype, K)
+    x, v, noise, steps = _inputs(shape, dtype, K, device)
     samples = ops.branch_step(x, v, steps, table, K, noise=noise, backend="torch").samples
     ref = ops.branch_score(x, v, steps, table, samples, backend="torch")
     out = ops.branch_score(x, v, steps, table, samples, backend=backend)
@@ -111,21 +125,22 @@ def _official_repeated_loss(v, x, actions, steps, table, old, adv, w, clip, beta
     return loss
 
 
-@pytest.mark.parametrize("backend", ["torch", *BACKENDS])
+@pytest.mark.parametrize("backend", [pytest.param(("torch", "cpu"), id="torch-cpu"), *BACKENDS])
 @pytest.mark.parametrize("K", [1, 2, 6])
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("with_ref", [True, False], ids=["kl", "nokl"])
 def test_loss_and_gradient_equal_the_repeated_reference(backend, K, dtype, with_ref):
-    table = _table()
+    backend, device = backend
+    table = _table(device=device)
     shape = SHAPES["sd3-4092"]
-    x, v, noise, steps = _inputs(shape, torch.float32, K)
+    x, v, noise, steps = _inputs(shape, torch.float32, K, device)
     v = v.to(dtype)
     acts = ops.branch_step(x, v, steps, table, K, noise=noise, backend="torch")
     g = torch.Generator().manual_seed(1)
-    old = acts.log_prob + 2e-4 * torch.randn(acts.log_prob.shape, generator=g)  # some ratios outside the clip
-    adv = torch.randn(old.shape, generator=g)
-    w = torch.rand(shape[0], generator=g) + 0.5
-    v_ref = (v.float() + 0.05 * torch.randn(shape, generator=g)).to(dtype) if with_ref else None
+    old = acts.log_prob + 2e-4 * torch.randn(acts.log_prob.shape, generator=g).to(device)  # some ratios clip
+    adv = torch.randn(old.shape, generator=g).to(device)
+    w = torch.rand(shape[0], generator=g).to(device) + 0.5
+    v_ref = (v.float() + 0.05 * torch.randn(shape, generator=g).to(device)).to(dtype) if with_ref else None
     beta = 0.004 if with_ref else 0.0
     args = (x, acts.samples, steps, table, old, adv, w, 1e-4, beta, v_ref)
 
@@ -147,8 +162,9 @@ def test_loss_and_gradient_equal_the_repeated_reference(backend, K, dtype, with_
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kl_alone(backend):
-    table = _table()
-    x, v, noise, steps = _inputs(SHAPES["video"], torch.float32, 2)
+    backend, device = backend
+    table = _table(device=device)
+    x, v, noise, steps = _inputs(SHAPES["video"], torch.float32, 2, device)
     v_ref = v + 0.1
     acts = ops.branch_step(x, v, steps, table, 2, noise=noise, backend="torch").samples
     _, kl = ops.branch_logp_kl(v, x, acts, steps, table, v_ref, backend=backend)
@@ -160,10 +176,11 @@ def test_kl_alone(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 def test_cfg_ode_step(backend, dtype):
-    grid = sde.time_grid(10)
-    x, vu, _, steps = _inputs(SHAPES["sd3-4092"], dtype, 1)
+    backend, device = backend
+    grid = sde.time_grid(10, device=device)
+    x, vu, _, steps = _inputs(SHAPES["sd3-4092"], dtype, 1, device)
     vc = vu.float().flip(0).to(dtype)
-    for guidance in (4.5, torch.tensor([1.0, 7.0])):
+    for guidance in (4.5, torch.tensor([1.0, 7.0], device=device)):
         ref = ops.cfg_ode_step(x, vu, vc, guidance, steps, grid, backend="torch")
         out = ops.cfg_ode_step(x, vu, vc, guidance, steps, grid, backend=backend)
         assert out.dtype == torch.float32 and torch.equal(out, ref)
