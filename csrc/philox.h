@@ -10,8 +10,10 @@
 
 #if defined(__CUDACC__)
 #define TEMPFLOW_HD __host__ __device__ __forceinline__
+#define TEMPFLOW_UNROLL _Pragma("unroll")
 #else
 #define TEMPFLOW_HD inline
+#define TEMPFLOW_UNROLL _Pragma("GCC unroll 10")
 #endif
 
 namespace tempflow {
@@ -27,7 +29,7 @@ struct Philox4 {
 };
 
 TEMPFLOW_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
-#pragma unroll
+  TEMPFLOW_UNROLL
   for (int r = 0; r < kPhiloxRounds; ++r) {
     const uint64_t pb = static_cast<uint64_t>(kPhiloxRoundB) * c2;
     const uint64_t pa = static_cast<uint64_t>(kPhiloxRoundA) * c0;

@@ -22,18 +22,24 @@ _LAUNCH = {} if INTERPRET else {"num_warps": 4, "enable_fp_fusion": False}
 
 
 @triton.jit
+def _row_block(x_ptr, v_ptr, cx_ptr, cv_ptr, D, BLOCK: tl.constexpr):
+    """This program's row b, its block's offsets and mask, the velocity and the SDE mean ``cx x + cv v`` (fp32)."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D
+    x = tl.load(x_ptr + b * D + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + b * D + offs, mask=mask, other=0.0).to(tl.float32)
+    return b, offs, mask, v, x * tl.load(cx_ptr + b) + v * tl.load(cv_ptr + b)
+
+
+@triton.jit
 def _sample_kernel(
     x_ptr, v_ptr, cx_ptr, cv_ptr, std_ptr, noise_ptr, keys_ptr, out_ptr, mean_ptr, part_ptr,
     D, K, nblk,
     HAS_NOISE: tl.constexpr, RETURN_MEAN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
+    b, offs, mask, v, m = _row_block(x_ptr, v_ptr, cx_ptr, cv_ptr, D, BLOCK)
     blk = tl.program_id(1).to(tl.int64)
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < D
-    x = tl.load(x_ptr + b * D + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + b * D + offs, mask=mask, other=0.0).to(tl.float32)
-    m = x * tl.load(cx_ptr + b) + v * tl.load(cv_ptr + b)
     s = tl.load(std_ptr + b)
     if RETURN_MEAN:
         tl.store(mean_ptr + b * D + offs, m, mask=mask)
@@ -55,13 +61,8 @@ def _logp_kernel(
     D, K, nblk,
     HAS_REF: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
+    b, offs, mask, v, m = _row_block(x_ptr, v_ptr, cx_ptr, cv_ptr, D, BLOCK)
     blk = tl.program_id(1).to(tl.int64)
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < D
-    x = tl.load(x_ptr + b * D + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + b * D + offs, mask=mask, other=0.0).to(tl.float32)
-    m = x * tl.load(cx_ptr + b) + v * tl.load(cv_ptr + b)
     for k in range(K):
         a = tl.load(a_ptr + (b * K + k) * D + offs, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, a - m, 0.0)
@@ -80,12 +81,7 @@ def _logp_backward_kernel(
     D, K,
     HAS_REF: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < D
-    x = tl.load(x_ptr + b * D + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + b * D + offs, mask=mask, other=0.0).to(tl.float32)
-    m = x * tl.load(cx_ptr + b) + v * tl.load(cv_ptr + b)
+    b, offs, mask, v, m = _row_block(x_ptr, v_ptr, cx_ptr, cv_ptr, D, BLOCK)
     g = tl.zeros([BLOCK], dtype=tl.float32)
     if HAS_REF:
         r = tl.load(vref_ptr + b * D + offs, mask=mask, other=0.0).to(tl.float32)

@@ -128,7 +128,12 @@ def philox_normal(keys: torch.Tensor, n: int, offset: int = 0, *, backend: str |
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _triton_branch():
+def _impl(backend: str):
+    """The object holding a compiled backend's kernels under the op names (torch.ops namespace or Triton module)."""
+    if backend == "cpu":
+        return torch.ops.tempflow_cpu
+    if backend == "cuda":
+        return torch.ops.tempflow_cuda
     from .kernels import branch
 
     return branch
@@ -147,11 +152,7 @@ def _branch_sample_op(
     return_mean: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "cpu":
-        return torch.ops.tempflow_cpu.branch_sample(x, v, coef_x, coef_v, std, noise, keys, K, return_mean)
-    if backend == "cuda":
-        return torch.ops.tempflow_cuda.branch_sample(x, v, coef_x, coef_v, std, noise, keys, K, return_mean)
-    return _triton_branch().branch_sample(x, v, coef_x, coef_v, std, noise, keys, K, return_mean)
+    return _impl(backend).branch_sample(x, v, coef_x, coef_v, std, noise, keys, K, return_mean)
 
 
 @_branch_sample_op.register_fake
@@ -171,11 +172,7 @@ def _branch_logp_op(
     v_ref: torch.Tensor | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "cpu":
-        return torch.ops.tempflow_cpu.branch_logp(v, x, actions, coef_x, coef_v, v_ref)
-    if backend == "cuda":
-        return torch.ops.tempflow_cuda.branch_logp(v, x, actions, coef_x, coef_v, v_ref)
-    return _triton_branch().branch_logp(v, x, actions, coef_x, coef_v, v_ref)
+    return _impl(backend).branch_logp(v, x, actions, coef_x, coef_v, v_ref)
 
 
 @_branch_logp_op.register_fake
@@ -196,11 +193,7 @@ def _branch_logp_backward_op(
     v_ref: torch.Tensor | None,
     backend: str,
 ) -> torch.Tensor:
-    if backend == "cpu":
-        return torch.ops.tempflow_cpu.branch_logp_backward(alpha, beta, v, x, actions, coef_x, coef_v, v_ref)
-    if backend == "cuda":
-        return torch.ops.tempflow_cuda.branch_logp_backward(alpha, beta, v, x, actions, coef_x, coef_v, v_ref)
-    return _triton_branch().branch_logp_backward(alpha, beta, v, x, actions, coef_x, coef_v, v_ref)
+    return _impl(backend).branch_logp_backward(alpha, beta, v, x, actions, coef_x, coef_v, v_ref)
 
 
 @_branch_logp_backward_op.register_fake
@@ -236,11 +229,7 @@ def _cfg_ode_op(
     dt: torch.Tensor,
     backend: str,
 ) -> torch.Tensor:
-    if backend == "cpu":
-        return torch.ops.tempflow_cpu.cfg_ode_step(x, v_uncond, v_cond, guidance, dt)
-    if backend == "cuda":
-        return torch.ops.tempflow_cuda.cfg_ode_step(x, v_uncond, v_cond, guidance, dt)
-    return _triton_branch().cfg_ode_step(x, v_uncond, v_cond, guidance, dt)
+    return _impl(backend).cfg_ode_step(x, v_uncond, v_cond, guidance, dt)
 
 
 @_cfg_ode_op.register_fake

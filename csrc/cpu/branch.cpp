@@ -15,6 +15,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common.h"
 #include "cpu/ops.h"
 
 namespace tempflow {
@@ -220,12 +221,6 @@ void cfg_ode_kernel(const TS* x, const TV* vu, const TV* vc, const float* g, con
                                             }                                                          \
                                           }));                                                         \
                      }))
-
-// Branch tensors (noise, actions) stay in their dtype when it is fp32 or the state's; otherwise fp32.
-at::Tensor branch_input(const at::Tensor& t, const at::Tensor& x) {
-  const auto s = t.scalar_type();
-  return (s == at::kFloat || s == x.scalar_type() ? t : t.to(at::kFloat)).contiguous();
-}
 
 }  // namespace
 

@@ -2,7 +2,8 @@
 //
 // The block loop is written for the compiler's auto-vectoriser: Philox's 32x32->64 multiplies map to packed
 // unsigned multiplies, and log and cos are branch-free polynomials (Cephes' logf and cosf, about 1 ulp) instead
-// of libm calls, which do not vectorise. The block function is compiled for AVX-512, AVX2 and a baseline, and the
+// of libm calls, which do not vectorise. The block function is compiled for x86-64-v4 (AVX-512 with DQ, whose
+// 64-bit multiplies Philox needs), x86-64-v3 (AVX2) and a baseline, and the
 // loader picks the best one the machine has (GCC target_clones), so one build runs everywhere. Integers and
 // uniforms equal the reference exactly; normals agree with it (and with Triton's tl.randn) to a few ulp.
 #include <ATen/Parallel.h>
@@ -15,7 +16,7 @@
 #include "philox.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define TEMPFLOW_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define TEMPFLOW_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define TEMPFLOW_CLONES
 #endif
@@ -100,23 +101,9 @@ void philox_normal_block(uint64_t key, uint64_t start, int64_t n, float* out) {
 #pragma omp simd
     for (int64_t i = 0; i < m; ++i) {
       const uint64_t idx = start + static_cast<uint64_t>(s0 + i);
-      uint32_t c0 = static_cast<uint32_t>(idx), c1 = static_cast<uint32_t>(idx >> 32), c2 = 0u, c3 = 0u;
-      uint32_t k0 = key0, k1 = key1;
-#pragma GCC unroll 10
-      for (int r = 0; r < kPhiloxRounds; ++r) {
-        const uint64_t pb = static_cast<uint64_t>(kPhiloxRoundB) * c2;
-        const uint64_t pa = static_cast<uint64_t>(kPhiloxRoundA) * c0;
-        const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0;
-        const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1;
-        c1 = static_cast<uint32_t>(pb);
-        c3 = static_cast<uint32_t>(pa);
-        c0 = n0;
-        c2 = n2;
-        k0 += kPhiloxKeyA;
-        k1 += kPhiloxKeyB;
-      }
-      w0[i] = c0;
-      w1[i] = c1;
+      const Philox4 r = philox4x32_10(static_cast<uint32_t>(idx), static_cast<uint32_t>(idx >> 32), 0u, 0u, key0, key1);
+      w0[i] = r.c0;
+      w1[i] = r.c1;
     }
     // 2) Box-Muller on the two uniforms (first output)
     float* o = out + s0;

@@ -4,18 +4,12 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "common.h"
 #include "cpu/ops.h"
 
 TORCH_LIBRARY(tempflow_cpu, m) {
   m.def("philox_normal(Tensor keys, int n, int offset=0) -> Tensor");
-  m.def(
-      "branch_sample(Tensor x, Tensor v, Tensor coef_x, Tensor coef_v, Tensor std, Tensor? noise, Tensor? keys, "
-      "int K, bool return_mean) -> (Tensor, Tensor, Tensor)");
-  m.def("branch_logp(Tensor v, Tensor x, Tensor actions, Tensor coef_x, Tensor coef_v, Tensor? v_ref) -> (Tensor, Tensor)");
-  m.def(
-      "branch_logp_backward(Tensor alpha, Tensor beta, Tensor v, Tensor x, Tensor actions, Tensor coef_x, "
-      "Tensor coef_v, Tensor? v_ref) -> Tensor");
-  m.def("cfg_ode_step(Tensor x, Tensor v_uncond, Tensor v_cond, Tensor guidance, Tensor dt) -> Tensor");
+  TEMPFLOW_DEFINE_BRANCH_OPS(m);
 }
 
 TORCH_LIBRARY_IMPL(tempflow_cpu, CPU, m) {

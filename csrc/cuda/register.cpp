@@ -9,6 +9,7 @@
 #include <optional>
 #include <tuple>
 
+#include "common.h"
 #include "cuda/branch_kernels.h"
 
 namespace tempflow {
@@ -39,12 +40,6 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef shape, c
   check_cuda(t, name, like);
   type_code(t, name);
   TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
-}
-
-// Branch tensors stay in their dtype when it is fp32 or the state's; otherwise fp32.
-at::Tensor branch_input(const at::Tensor& t, const at::Tensor& x) {
-  const auto s = t.scalar_type();
-  return (s == at::kFloat || s == x.scalar_type() ? t : t.to(at::kFloat)).contiguous();
 }
 
 void check_launch(cudaError_t err, const char* name) {
@@ -174,16 +169,7 @@ at::Tensor cfg_ode_step_cuda(const at::Tensor& x_in, const at::Tensor& vu_in, co
 }  // namespace
 }  // namespace tempflow
 
-TORCH_LIBRARY(tempflow_cuda, m) {
-  m.def(
-      "branch_sample(Tensor x, Tensor v, Tensor coef_x, Tensor coef_v, Tensor std, Tensor? noise, Tensor? keys, "
-      "int K, bool return_mean) -> (Tensor, Tensor, Tensor)");
-  m.def("branch_logp(Tensor v, Tensor x, Tensor actions, Tensor coef_x, Tensor coef_v, Tensor? v_ref) -> (Tensor, Tensor)");
-  m.def(
-      "branch_logp_backward(Tensor alpha, Tensor beta, Tensor v, Tensor x, Tensor actions, Tensor coef_x, "
-      "Tensor coef_v, Tensor? v_ref) -> Tensor");
-  m.def("cfg_ode_step(Tensor x, Tensor v_uncond, Tensor v_cond, Tensor guidance, Tensor dt) -> Tensor");
-}
+TORCH_LIBRARY(tempflow_cuda, m) { TEMPFLOW_DEFINE_BRANCH_OPS(m); }
 
 TORCH_LIBRARY_IMPL(tempflow_cuda, CUDA, m) {
   m.impl("branch_sample", &tempflow::branch_sample_cuda);
