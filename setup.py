@@ -144,4 +144,4 @@ def _write_info(cmd=None) -> None:
 
 
 _write_info()
-setup(ext_modules=ext_modules, cmdclass=cmdclass, package_data={"tempflow": [INFO_NAME]})
+setup(ext_modules=ext_modules, cmdclass=cmdclass, package_data={"tempflow": [INFO_NAME, "assets/*"]})
