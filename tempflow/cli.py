@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import platform
 import sys
 import time
@@ -124,23 +125,69 @@ def cmd_demo(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
+    start = time.perf_counter()
     if args.what == "classifier":
         from .rewards import digits
 
-        start = time.perf_counter()
-        model, acc = digits.train_classifier(seed=args.seed, epochs=args.epochs or 40)
+        epochs = args.steps or 40
+        model, acc = digits.train_classifier(seed=args.seed, epochs=epochs)
         out = args.out or digits.CLASSIFIER_WEIGHTS
         digits.save_classifier(
-            model,
-            out,
-            seed=args.seed,
-            epochs=args.epochs or 40,
-            held_out_accuracy=round(acc, 4),
-            torch=torch.__version__,
+            model, out, seed=args.seed, epochs=epochs, held_out_accuracy=round(acc, 4), torch=torch.__version__
         )
         print(f"held-out accuracy {acc:.4f}; wrote {out} in {time.perf_counter() - start:.0f} s")
         return 0
-    raise ValueError(f"unknown pretraining target {args.what!r}")
+    from .models import digits as dg
+
+    steps = args.steps or dg.PRETRAIN_STEPS
+    model = dg.pretrain(steps=steps, seed=args.seed)
+    seconds = time.perf_counter() - start
+    quality = {
+        f"agreement_T{t}_g{g}": round(dg.prompt_agreement(model, steps=t, guidance=g), 4)
+        for t in (10, 40)
+        for g in (1.0, model.default_guidance)
+    }
+    out = args.out or dg.WEIGHTS
+    model.save(out, seed=args.seed, steps=steps, threads=2, seconds=round(seconds), torch=torch.__version__, **quality)
+    print(
+        f"wrote {out} after {seconds:.0f} s; prompt agreement: " + ", ".join(f"{k} {v:.3f}" for k, v in quality.items())
+    )
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .models import digits as dg
+
+    model = dg.DigitsModel.load()
+    prompts = [p for p in args.prompts for _ in range(args.per_prompt)]
+    guidance = model.default_guidance if args.guidance is None else args.guidance
+    start = time.perf_counter()
+    latents = dg.sample(model, prompts, steps=args.steps, guidance=guidance, seed=args.seed, progress=True)
+    images = model.decode(latents)
+    save_grid(images, args.per_prompt, args.out, scale=args.scale)
+    seconds = time.perf_counter() - start
+    print(f"{len(prompts)} samples (T={args.steps}, guidance {guidance}) in {seconds:.1f} s -> {args.out}")
+    return 0
+
+
+def save_grid(images: torch.Tensor, columns: int, path: str, scale: int = 4, pad: int = 2) -> None:
+    """Write (B, C, H, W) images in [0, 1] as one PNG grid, ``columns`` per row, each pixel ``scale`` x ``scale``."""
+    from PIL import Image
+
+    b, c, h, w = images.shape
+    rows = (b + columns - 1) // columns
+    canvas = torch.ones(3, rows * (h + pad) + pad, columns * (w + pad) + pad)
+    rgb = images.float().clamp(0, 1).expand(-1, 3, -1, -1) if c == 1 else images.float().clamp(0, 1)
+    for i in range(b):
+        r, col = divmod(i, columns)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        canvas[:, top : top + h, left : left + w] = rgb[i]
+    pixels = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    img = Image.fromarray(pixels)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,12 +204,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the counter-based noise (default 0)")
     demo.set_defaults(func=cmd_demo)
 
-    pre = sub.add_parser("pretrain", help="rebuild a shipped model of the embedded default (reproducible)")
-    pre.add_argument("what", choices=["classifier"], help="classifier: the digit classifier of the digit reward")
+    pre = sub.add_parser("pretrain", help="rebuild a model shipped with the package (reproducible)")
+    pre.add_argument("what", choices=["digits", "classifier"], help="digits: the embedded default flow model; "
+                     "classifier: the digit classifier of the digit reward")  # fmt: skip
     pre.add_argument("--seed", type=int, default=0, help="training seed (default 0, the shipped weights)")
-    pre.add_argument("--epochs", type=int, default=None, help="epochs (default: the shipped recipe's)")
+    pre.add_argument("--steps", type=int, default=None, help="optimizer steps (digits) or epochs (classifier); "
+                     "default: the shipped recipe")  # fmt: skip
     pre.add_argument("--out", default=None, help="output file (default: the package's asset)")
     pre.set_defaults(func=cmd_pretrain)
+
+    smp = sub.add_parser("sample", help="write a PNG grid of samples of the embedded default model")
+    smp.add_argument("prompts", nargs="*", default=[f"a handwritten {d}" for d in range(10)],
+                     help='prompts, one grid row each (default: "a handwritten 0" .. "a handwritten 9")')  # fmt: skip
+    smp.add_argument("--per-prompt", type=int, default=8, help="samples per prompt (grid columns, default 8)")
+    smp.add_argument("--steps", type=int, default=10, help="ODE steps (default 10)")
+    smp.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
+    smp.add_argument("--seed", type=int, default=0, help="seed of the counter-based initial noise")
+    smp.add_argument("--scale", type=int, default=4, help="pixel upscaling of the PNG (default 4)")
+    smp.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
+    smp.set_defaults(func=cmd_sample)
 
     doctor = sub.add_parser("doctor", help="report installed parts, built extensions and backends")
     doctor.set_defaults(func=cmd_doctor)
@@ -171,12 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "samples", 1) < 1 or getattr(args, "steps", 1) < 1:
-        print("tempflow: --samples and --steps must be positive", file=sys.stderr)
+    steps = getattr(args, "steps", None)
+    if getattr(args, "samples", 1) < 1 or (steps is not None and steps < 1) or getattr(args, "per_prompt", 1) < 1:
+        print("tempflow: --samples, --steps and --per-prompt must be positive", file=sys.stderr)
         return 2
     try:
         return args.func(args)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"tempflow {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,7 @@
-"""Models that produce velocities. ``mixture``: an analytic Gaussian-mixture flow with the exact velocity field,
-for demos and for tests of the samplers (no weights, no download)."""
+"""Velocity models behind one adapter protocol (:class:`FlowModel`): the embedded default ``digits`` (an
+SD3-architecture model shipped with the package) and an analytic Gaussian-mixture flow for demos and tests."""
 
+from .base import Conditioning, FlowModel
 from .mixture import GaussianMixtureFlow
 
-__all__ = ["GaussianMixtureFlow"]
+__all__ = ["Conditioning", "FlowModel", "GaussianMixtureFlow"]
