@@ -156,13 +156,14 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .models import digits as dg
+    from .models import load_model, sample
 
-    model = dg.DigitsModel.load()
+    kwargs = {} if args.model == "digits" else {"height": args.size, "width": args.size, "torch_dtype": torch.float32}
+    model = load_model(args.model, **kwargs)
     prompts = [p for p in args.prompts for _ in range(args.per_prompt)]
     guidance = model.default_guidance if args.guidance is None else args.guidance
     start = time.perf_counter()
-    latents = dg.sample(model, prompts, steps=args.steps, guidance=guidance, seed=args.seed, progress=True)
+    latents = sample(model, prompts, steps=args.steps, guidance=guidance, seed=args.seed, progress=True)
     images = model.decode(latents)
     save_grid(images, args.per_prompt, args.out, scale=args.scale)
     seconds = time.perf_counter() - start
@@ -213,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", default=None, help="output file (default: the package's asset)")
     pre.set_defaults(func=cmd_pretrain)
 
-    smp = sub.add_parser("sample", help="write a PNG grid of samples of the embedded default model")
+    smp = sub.add_parser("sample", help="write a PNG grid of samples for a list of prompts")
     smp.add_argument("prompts", nargs="*", default=[f"a handwritten {d}" for d in range(10)],
                      help='prompts, one grid row each (default: "a handwritten 0" .. "a handwritten 9")')  # fmt: skip
     smp.add_argument("--per-prompt", type=int, default=8, help="samples per prompt (grid columns, default 8)")
@@ -222,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--seed", type=int, default=0, help="seed of the counter-based initial noise")
     smp.add_argument("--scale", type=int, default=4, help="pixel upscaling of the PNG (default 4)")
     smp.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
+    smp.add_argument("--model", default="digits", help="'digits' (the embedded default) or a local diffusers "
+                     "SD3/SD3.5/FLUX pipeline folder")  # fmt: skip
+    smp.add_argument("--size", type=int, default=512, help="image size for diffusers models (default 512)")
     smp.set_defaults(func=cmd_sample)
 
     doctor = sub.add_parser("doctor", help="report installed parts, built extensions and backends")

@@ -7,6 +7,7 @@ conditional and unconditional halves, accepts a per-sample time vector, and deco
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import torch
 
 from .. import sde
 
-__all__ = ["Conditioning", "FlowModel"]
+__all__ = ["Conditioning", "FlowModel", "sample", "load_model"]
 
 
 @dataclass
@@ -80,3 +81,56 @@ class FlowModel:
         v = self.forward_velocity(torch.cat([x, x]), torch.cat([t, t]), both)
         v_u, v_c = v.chunk(2)
         return v_u + g * (v_c - v_u)
+
+
+@torch.no_grad()
+def sample(model: FlowModel, prompts: Sequence[str], steps: int = 10, guidance: float | None = None, seed: int = 0,
+           batch: int = 256, progress: bool = False) -> torch.Tensor:  # fmt: skip
+    """Deterministic ODE samples (B, *latent_shape) from counter-based initial noise (prompt i, seed): the i-th
+    sample does not depend on the batch it is drawn in."""
+    from .. import rng
+
+    grid = model.time_grid(steps)
+    cond = model.encode(prompts)
+    out = []
+    for start in range(0, len(prompts), batch):
+        index = torch.arange(start, min(start + batch, len(prompts)))
+        ids = torch.stack([index, torch.full_like(index, -1)], 1)
+        x = rng.normal(seed, ids, model.latent_shape)
+        for k in range(steps):
+            v = model.velocity(x, grid.sigmas[k], cond, index, guidance)
+            x = sde.ode_step(x, v, k, grid)
+            if progress:
+                done = start + len(index) * (k + 1) // steps
+                print(f"\rsampling {done}/{len(prompts)} [step {k + 1}/{steps}]", end="", file=sys.stderr, flush=True)
+        out.append(x)
+    if progress:
+        print(file=sys.stderr)
+    return torch.cat(out)
+
+
+def load_model(spec: str = "digits", device="cpu", **kwargs) -> FlowModel:
+    """``"digits"``: the embedded default; else a local diffusers pipeline folder (SD3/SD3.5 or FLUX, told apart by
+    its transformer class)."""
+    if spec == "digits":
+        from .digits import DigitsModel
+
+        return DigitsModel.load(device=device)
+    import json
+    import os
+
+    from .diffusers_models import FluxModel, SD3Model
+
+    index = os.path.join(spec, "model_index.json")
+    if not os.path.exists(index):
+        raise FileNotFoundError(
+            f"{spec!r} is neither 'digits' nor a local diffusers pipeline folder (no model_index.json)"
+        )
+    transformer = json.load(open(index)).get("transformer", [None, ""])[1]
+    if "Flux" in transformer:
+        return FluxModel.from_pretrained(spec, device=device, **kwargs)
+    if "SD3" in transformer:
+        return SD3Model.from_pretrained(spec, device=device, **kwargs)
+    raise ValueError(
+        f"{spec}: transformer {transformer!r} is not supported (SD3Transformer2DModel, FluxTransformer2DModel)"
+    )

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -22,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Conditioning, FlowModel
+from .base import Conditioning, FlowModel, sample
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 WEIGHTS = os.path.join(ASSETS, "digits_model.safetensors")
@@ -212,32 +211,6 @@ def pretrain(
         return model
     finally:
         torch.set_num_threads(previous)
-
-
-@torch.no_grad()
-def sample(model: FlowModel, prompts: Sequence[str], steps: int = 10, guidance: float | None = None, seed: int = 0,
-           batch: int = 256, progress: bool = False) -> torch.Tensor:  # fmt: skip
-    """Deterministic ODE samples (B, *latent_shape) from counter-based initial noise (prompt i, seed): the i-th
-    sample does not depend on the batch it is drawn in."""
-    from .. import rng, sde
-
-    grid = model.time_grid(steps)
-    cond = model.encode(prompts)
-    out = []
-    for start in range(0, len(prompts), batch):
-        index = torch.arange(start, min(start + batch, len(prompts)))
-        ids = torch.stack([index, torch.full_like(index, -1)], 1)
-        x = rng.normal(seed, ids, model.latent_shape)
-        for k in range(steps):
-            v = model.velocity(x, grid.sigmas[k], cond, index, guidance)
-            x = sde.ode_step(x, v, k, grid)
-            if progress:
-                done = start + len(index) * (k + 1) // steps
-                print(f"\rsampling {done}/{len(prompts)} [step {k + 1}/{steps}]", end="", file=sys.stderr, flush=True)
-        out.append(x)
-    if progress:
-        print(file=sys.stderr)
-    return torch.cat(out)
 
 
 @torch.no_grad()

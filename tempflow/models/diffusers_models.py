@@ -1,0 +1,198 @@
+"""Adapters for diffusers models: SD3 / SD3.5 (``SD3Transformer2DModel``) and FLUX.1 (``FluxTransformer2DModel``).
+
+Build one from a local diffusers folder (``SD3Model.from_pretrained(path)``; nothing is downloaded), from a pipeline
+object you already have (``SD3Model.from_pipeline(pipe)``), or from a transformer and VAE plus precomputed prompt
+embeddings (``embeddings={prompt: (hidden, pooled)}``, the empty prompt "" being the unconditional one). The engine
+and the trainer see only the :class:`~tempflow.models.base.FlowModel` protocol.
+
+Attention runs on torch SDPA by default; ``attention="xformers"`` or ``"flash"`` switches the transformer to those
+kernels when the package is installed, and says what to install when it is not.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+
+import torch
+
+from .. import sde
+from .base import Conditioning, FlowModel
+
+__all__ = ["SD3Model", "FluxModel", "set_attention"]
+
+
+def set_attention(transformer, attention: str = "sdpa") -> None:
+    """Select the attention kernels of a diffusers transformer: ``sdpa`` (default), ``xformers`` or ``flash``."""
+    if attention in (None, "sdpa"):
+        return
+    if attention == "xformers":
+        if importlib.util.find_spec("xformers") is None:
+            raise ImportError("attention='xformers' needs xformers: pip install tempflow[xformers] (or use 'sdpa')")
+        transformer.enable_xformers_memory_efficient_attention()
+        return
+    if attention == "flash":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ImportError("attention='flash' needs flash-attn (CUDA only): pip install tempflow[flash] (or 'sdpa')")
+        if not hasattr(transformer, "set_attention_backend"):
+            raise RuntimeError("this diffusers has no attention backends; upgrade diffusers or use attention='sdpa'")
+        transformer.set_attention_backend("flash")
+        return
+    raise ValueError(f"unknown attention {attention!r}: choose sdpa, xformers or flash")
+
+
+class _DiffusersModel(FlowModel):
+    """What SD3 and FLUX share: prompt encoding (pipeline or precomputed), the VAE decode, trainable parameters."""
+
+    def __init__(self, transformer, vae=None, pipeline=None, embeddings=None, height: int = 512, width: int = 512,
+                 guidance: float = 4.5, attention: str = "sdpa", device=None):  # fmt: skip
+        if pipeline is None and embeddings is None:
+            raise ValueError(
+                "give a pipeline (for its text encoders) or precomputed embeddings={prompt: (hidden, pooled)}"
+            )
+        self.transformer, self.vae, self.pipeline, self.embeddings = transformer, vae, pipeline, embeddings
+        self.device = torch.device(device) if device is not None else next(transformer.parameters()).device
+        self.dtype = next(transformer.parameters()).dtype
+        self.default_guidance = guidance
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        if height % (self.vae_scale * 2) or width % (self.vae_scale * 2):
+            raise ValueError(f"height and width must be multiples of {self.vae_scale * 2}, got {height}x{width}")
+        self.height, self.width = height, width
+        set_attention(transformer, attention)
+
+    @classmethod
+    def from_pipeline(cls, pipe, **kwargs):
+        return cls(pipe.transformer, pipe.vae, pipeline=pipe, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str, torch_dtype=torch.bfloat16, device="cpu", pipeline_kwargs=None, **kwargs):
+        """Load a diffusers pipeline folder (never from a hub); ``pipeline_kwargs`` go to
+        ``DiffusionPipeline.from_pretrained`` (e.g. ``{"text_encoder_3": None, "tokenizer_3": None}``)."""
+        import os
+
+        from diffusers import DiffusionPipeline
+
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no diffusers pipeline folder at {path!r} (tempflow loads local folders only)")
+        import json
+
+        # components saved as absent (e.g. SD3 without its T5) must be passed as None explicitly to diffusers
+        index = json.load(open(os.path.join(path, "model_index.json")))
+        absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
+        pipe = DiffusionPipeline.from_pretrained(
+            path, torch_dtype=torch_dtype, local_files_only=True, **{**absent, **(pipeline_kwargs or {})}
+        ).to(device)
+        return cls.from_pipeline(pipe, **kwargs)
+
+    def _encode_texts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        prompts = list(prompts)
+        if self.embeddings is not None:
+            missing = [p for p in [*prompts, ""] if p not in self.embeddings]
+            if missing:
+                raise KeyError(f"no precomputed embedding for prompts {missing[:5]} (the unconditional one is '')")
+            rows = [self.embeddings[p] for p in prompts]
+            hidden = torch.stack([h for h, _ in rows]).to(self.device, self.dtype)
+            pooled = torch.stack([p for _, p in rows]).to(self.device, self.dtype)
+            null_h, null_p = (t.unsqueeze(0).to(self.device, self.dtype) for t in self.embeddings[""])
+        else:
+            hidden, pooled = self._encode_texts(prompts)
+            null_h, null_p = self._encode_texts([""])
+        return Conditioning({"hidden": hidden, "pooled": pooled}, {"hidden": null_h, "pooled": null_p})
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            raise RuntimeError("this adapter has no VAE to decode with; pass vae= (or build it from a pipeline)")
+        z = self.unpack(latents).to(self.vae.dtype)
+        z = z / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
+        with torch.no_grad():
+            images = self.vae.decode(z).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def unpack(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def trainable_parameters(self):
+        return (p for p in self.transformer.parameters() if p.requires_grad)
+
+
+class SD3Model(_DiffusersModel):
+    """SD3 / SD3.5: latents ``(C, H/8, W/8)``, static time shift 3, CFG 4.5 by default (Flow-GRPO's SD3.5-M)."""
+
+    shift = 3.0
+
+    def __init__(self, transformer, vae=None, **kwargs):
+        super().__init__(transformer, vae, **kwargs)
+        c = transformer.config.in_channels
+        self.latent_shape = (c, self.height // self.vae_scale, self.width // self.vae_scale)
+
+    def _encode_texts(self, prompts):
+        hidden, _, pooled, _ = self.pipeline.encode_prompt(
+            prompts, prompts, prompts, device=self.device, do_classifier_free_guidance=False
+        )
+        return hidden.to(self.dtype), pooled.to(self.dtype)
+
+    def forward_velocity(self, x, t, cond):
+        return self.transformer(
+            hidden_states=x.to(self.dtype),
+            timestep=(t * 1000).to(self.dtype),
+            encoder_hidden_states=cond["hidden"],
+            pooled_projections=cond["pooled"],
+        ).sample
+
+
+class FluxModel(_DiffusersModel):
+    """FLUX.1: packed latents ``(L, 4C)`` with L = (H/16)(W/16) tokens, image and text position ids, the dynamic
+    time shift of L tokens; FLUX.1-dev's guidance embedding replaces classifier-free guidance (one forward)."""
+
+    def __init__(self, transformer, vae=None, guidance: float = 3.5, **kwargs):
+        super().__init__(transformer, vae, guidance=guidance, **kwargs)
+        self.channels = transformer.config.in_channels // 4
+        self.h, self.w = self.height // self.vae_scale, self.width // self.vae_scale
+        self.latent_shape = ((self.h // 2) * (self.w // 2), self.channels * 4)
+        ids = torch.zeros(self.h // 2, self.w // 2, 3)
+        ids[..., 1] += torch.arange(self.h // 2)[:, None]
+        ids[..., 2] += torch.arange(self.w // 2)[None, :]
+        self.image_ids = ids.reshape(-1, 3).to(self.device, self.dtype)
+        self.guidance_embeds = bool(getattr(transformer.config, "guidance_embeds", False))
+
+    def time_grid(self, num_steps: int, device=None) -> sde.TimeGrid:
+        return sde.flux_time_grid(num_steps, self.latent_shape[0], device=device)
+
+    def _encode_texts(self, prompts):
+        hidden, pooled, _ = self.pipeline.encode_prompt(prompts, prompts, device=self.device)
+        return hidden.to(self.dtype), pooled.to(self.dtype)
+
+    def forward_velocity(self, x, t, cond, guidance: torch.Tensor | None = None):
+        text_ids = torch.zeros(cond["hidden"].shape[1], 3, device=self.device, dtype=self.dtype)
+        return self.transformer(
+            hidden_states=x.to(self.dtype),
+            timestep=t.to(self.dtype),
+            guidance=guidance,
+            pooled_projections=cond["pooled"],
+            encoder_hidden_states=cond["hidden"],
+            txt_ids=text_ids,
+            img_ids=self.image_ids,
+        ).sample
+
+    def velocity(self, x, t, cond, index, guidance=None):
+        if not self.guidance_embeds:
+            return super().velocity(x, t, cond, index, guidance)
+        g = self.default_guidance if guidance is None else float(guidance)
+        b = x.shape[0]
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
+        gv = torch.full((b,), g, device=x.device, dtype=self.dtype)
+        return self.forward_velocity(x, t, cond.select(index), guidance=gv)
+
+    def unpack(self, latents: torch.Tensor) -> torch.Tensor:
+        b, n, d = latents.shape
+        z = latents.view(b, self.h // 2, self.w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return z.reshape(b, d // 4, self.h, self.w)
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = latents.shape
+        z = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return z.reshape(b, (h // 2) * (w // 2), c * 4)

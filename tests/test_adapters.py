@@ -1,0 +1,207 @@
+"""One adapter test suite for every model: tiny SD3 and FLUX pipelines built offline from configs with random
+weights (and tokenizers made here), and the embedded digits model."""
+
+import json
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from tempflow import sde  # noqa: E402
+from tempflow.models import digits as dg  # noqa: E402
+from tempflow.models.diffusers_models import FluxModel, SD3Model, set_attention  # noqa: E402
+
+LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+
+
+def clip_tokenizer(root):
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for tok in LETTERS + [t + "</w>" for t in LETTERS]:
+        vocab[tok] = len(vocab)
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    tok = transformers.CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=77)
+    return tok, len(vocab)
+
+
+def t5_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *[(c, -1.0) for c in LETTERS]]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))  # a Unigram model, as T5's, so that it saves and reloads
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return transformers.T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                        extra_ids=0, model_max_length=512), len(vocab)  # fmt: skip
+
+
+def clip_encoder(vocab, projection=True, hidden=16, proj=8):
+    cfg = transformers.CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=77, projection_dim=proj,
+                                      eos_token_id=1, bos_token_id=0, pad_token_id=1)  # fmt: skip
+    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+    return cls(cfg)
+
+
+def tiny_vae(latent_channels):
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,), layers_per_block=1,
+                                   latent_channels=latent_channels, norm_num_groups=1, sample_size=16,
+                                   use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06,
+                                   scaling_factor=1.5)  # fmt: skip
+
+
+def sd3_pipeline(tmp_path):
+    torch.manual_seed(0)
+    tok, n = clip_tokenizer(tmp_path)
+    transformer = diffusers.SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4,
+                                                  num_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                                  joint_attention_dim=32, caption_projection_dim=16,
+                                                  pooled_projection_dim=16, pos_embed_max_size=16)  # fmt: skip
+    return diffusers.StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(4),
+        text_encoder=clip_encoder(n), tokenizer=tok, text_encoder_2=clip_encoder(n), tokenizer_2=tok,
+        text_encoder_3=None, tokenizer_3=None,
+    )  # fmt: skip
+
+
+def flux_pipeline(tmp_path):
+    torch.manual_seed(0)
+    tok, n = clip_tokenizer(tmp_path)
+    t5_tok, n5 = t5_tokenizer()
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=n5, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                                           num_heads=2, pad_token_id=0, eos_token_id=1))  # fmt: skip
+    transformer = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                                   attention_head_dim=16, num_attention_heads=2,
+                                                   joint_attention_dim=16, pooled_projection_dim=16,
+                                                   axes_dims_rope=[4, 4, 8], guidance_embeds=True)  # fmt: skip
+    return diffusers.FluxPipeline(
+        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+        vae=tiny_vae(4), text_encoder=clip_encoder(n, projection=False, hidden=16), tokenizer=tok,
+        text_encoder_2=t5, tokenizer_2=t5_tok,
+    )  # fmt: skip
+
+
+@pytest.fixture(params=["sd3", "flux", "digits"])
+def adapter(request, tmp_path):
+    if request.param == "sd3":
+        return SD3Model.from_pipeline(sd3_pipeline(tmp_path), height=32, width=32)
+    if request.param == "flux":
+        pipe = flux_pipeline(tmp_path)
+        pipe.tokenizer_2.model_max_length = 16
+        model = FluxModel.from_pipeline(pipe, height=16, width=16)
+        model._encode_texts = _short_flux_encode(model)
+        return model
+    torch.manual_seed(0)
+    return dg.DigitsModel(dg.DigitsConfig(num_layers=1, attention_head_dim=8, num_attention_heads=2, text_dim=16))
+
+
+def _short_flux_encode(model):
+    """FLUX pads T5 prompts to 512 tokens; 16 keep the tiny test fast (the code path is the same)."""
+
+    def encode(prompts):
+        hidden, pooled, _ = model.pipeline.encode_prompt(prompts, prompts, device=model.device, max_sequence_length=16)
+        return hidden, pooled
+
+    return encode
+
+
+def test_conditioning_is_encoded_once_and_gathered(adapter):
+    cond = adapter.encode(["a cat", "a dog", "a bird"])
+    assert len(cond) == 3
+    rows = cond.select(torch.tensor([2, 0, 2]))
+    for k in rows:
+        assert torch.equal(rows[k][0], cond.cond[k][2]) and torch.equal(rows[k][1], cond.cond[k][0])
+        assert cond.unconditional(4)[k].shape[0] == 4
+
+
+def test_velocity_shapes_cfg_and_per_sample_times(adapter):
+    cond = adapter.encode(["a cat", "a dog"])
+    x = torch.randn(3, *adapter.latent_shape)
+    index = torch.tensor([0, 1, 1])
+    t = torch.tensor([0.9, 0.4, 0.1])
+    with torch.no_grad():
+        v = adapter.velocity(x, t, cond, index, guidance=2.5)
+        assert v.shape == x.shape and torch.isfinite(v).all()
+        one = torch.cat([adapter.velocity(x[i : i + 1], t[i], cond, index[i : i + 1], 2.5) for i in range(3)])
+    torch.testing.assert_close(v.float(), one.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_and_decoding_end_to_end(adapter):
+    grid = adapter.time_grid(4)
+    assert isinstance(grid, sde.TimeGrid)
+    cond = adapter.encode(["a cat", "a dog"])
+    index = torch.tensor([0, 1])
+    x = torch.randn(2, *adapter.latent_shape)
+    with torch.no_grad():
+        for k in range(4):
+            x = sde.ode_step(x, adapter.velocity(x, grid.sigmas[k], cond, index), k, grid)
+        images = adapter.decode(x)
+    assert images.dim() == 4 and images.shape[0] == 2 and images.shape[1] in (1, 3)
+    assert images.min() >= 0 and images.max() <= 1
+
+
+def test_gradients_reach_the_trainable_parameters(adapter):
+    cond = adapter.encode(["a cat"])
+    x = torch.randn(2, *adapter.latent_shape)
+    adapter.velocity(x, 0.5, cond, torch.zeros(2, dtype=torch.long), 1.0).float().square().mean().backward()
+    params = list(adapter.trainable_parameters())
+    assert params and sum(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params) > len(params) // 2
+
+
+def test_sd3_precomputed_embeddings_and_local_folder(tmp_path):
+    pipe = sd3_pipeline(tmp_path)
+    from_pipe = SD3Model.from_pipeline(pipe, height=32, width=32)
+    cond = from_pipe.encode(["a cat", ""])
+    embeddings = {"a cat": (cond.cond["hidden"][0], cond.cond["pooled"][0]),
+                  "": (cond.cond["hidden"][1], cond.cond["pooled"][1])}  # fmt: skip
+    pre = SD3Model(pipe.transformer, pipe.vae, embeddings=embeddings, height=32, width=32)
+    x = torch.randn(1, *pre.latent_shape)
+    with torch.no_grad():
+        a = pre.velocity(x, 0.5, pre.encode(["a cat"]), torch.zeros(1, dtype=torch.long))
+        b = from_pipe.velocity(x, 0.5, from_pipe.encode(["a cat"]), torch.zeros(1, dtype=torch.long))
+    torch.testing.assert_close(a, b)
+    with pytest.raises(KeyError, match="no precomputed embedding"):
+        pre.encode(["a dog"])
+    pipe.save_pretrained(tmp_path / "sd3")
+    loaded = SD3Model.from_pretrained(str(tmp_path / "sd3"), torch_dtype=torch.float32, height=32, width=32)
+    with torch.no_grad():
+        c = loaded.velocity(x, 0.5, loaded.encode(["a cat"]), torch.zeros(1, dtype=torch.long))
+    torch.testing.assert_close(c, b)
+
+
+def test_flux_packing_round_trip_and_guidance_embedding(tmp_path):
+    model = FluxModel.from_pipeline(flux_pipeline(tmp_path), height=16, width=16)  # tiny VAE: no downsampling
+    z = torch.randn(2, model.channels, model.h, model.w)
+    assert torch.equal(model.unpack(model.pack(z)), z)
+    assert model.latent_shape == (64, 16) and model.guidance_embeds
+    assert torch.equal(model.time_grid(10).sigmas, sde.flux_time_grid(10, 64).sigmas)  # the shift of 64 tokens
+
+
+def test_bad_setup_gives_clear_errors(tmp_path):
+    pipe = sd3_pipeline(tmp_path)
+    with pytest.raises(ValueError, match="pipeline .* or precomputed embeddings"):
+        SD3Model(pipe.transformer, pipe.vae)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        SD3Model.from_pipeline(pipe, height=31, width=32)
+    with pytest.raises(FileNotFoundError, match="no diffusers pipeline folder"):
+        SD3Model.from_pretrained(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="unknown attention"):
+        set_attention(pipe.transformer, "fastest")
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(ImportError, match="needs flash-attn"):
+            SD3Model.from_pipeline(pipe, height=32, width=32, attention="flash")
+
+
+@pytest.mark.parametrize("build", [sd3_pipeline, flux_pipeline], ids=["sd3", "flux"])
+def test_sample_command_on_a_local_diffusers_folder(build, tmp_path, capsys):
+    from tempflow import cli
+
+    pipe = build(tmp_path)
+    pipe.save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "grid.png"
+    args = ["sample", "a cat", "a dog", "--per-prompt", "2", "--steps", "2", "--model", str(tmp_path / "pipe")]
+    assert cli.main([*args, "--size", "16", "--out", str(out)]) == 0
+    assert out.exists() and "4 samples" in capsys.readouterr().out
