@@ -149,6 +149,30 @@ def test_gradients_reach_the_trainable_parameters(adapter):
     assert params and sum(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params) > len(params) // 2
 
 
+def test_lora_trains_only_adapters_and_the_reference_is_the_base(adapter):
+    pytest.importorskip("peft")
+    cond = adapter.encode(["a cat"])
+    x = torch.randn(2, *adapter.latent_shape)
+    index = torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        before = adapter.velocity(x, 0.5, cond, index, 2.0)
+    full = len(list(adapter.trainable_parameters()))
+    adapter.use_lora(rank=4, alpha=8)
+    params = list(adapter.trainable_parameters())
+    assert 0 < len(params) < full + 100
+    names = [n for n, p in adapter.trained_module().named_parameters() if p.requires_grad]
+    assert names and all("lora" in n for n in names)
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.velocity(x, 0.5, cond, index, 2.0), before)  # adapters start at zero
+        for p in params:
+            p.add_(0.05)
+        moved = adapter.velocity(x, 0.5, cond, index, 2.0)
+        with adapter.reference():
+            base = adapter.velocity(x, 0.5, cond, index, 2.0)
+    assert not torch.allclose(moved, before)
+    torch.testing.assert_close(base, before)
+
+
 def test_sd3_precomputed_embeddings_and_local_folder(tmp_path):
     pipe = sd3_pipeline(tmp_path)
     from_pipe = SD3Model.from_pipeline(pipe, height=32, width=32)

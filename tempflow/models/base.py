@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -54,8 +55,41 @@ class FlowModel:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def trainable_parameters(self) -> Iterable[torch.nn.Parameter]:
+    def trained_module(self) -> torch.nn.Module:
+        """The module whose parameters fine-tuning changes (its ``transformer`` for diffusers models)."""
         raise NotImplementedError
+
+    def trainable_parameters(self) -> Iterable[torch.nn.Parameter]:
+        """What the optimizer updates: every parameter of :meth:`trained_module` (full fine-tuning), or only the
+        LoRA weights after :meth:`use_lora`."""
+        return [p for p in self.trained_module().parameters() if p.requires_grad]
+
+    def use_lora(self, rank: int = 32, alpha: int = 64, targets: Sequence[str] | None = None) -> None:
+        """Freeze the model and attach LoRA adapters (peft) to the attention projections of its transformer
+        (Flow-GRPO's defaults: r = 32, alpha = 64). The adapters start at zero, so the model is unchanged."""
+        try:
+            from peft import LoraConfig
+        except ImportError as exc:
+            raise ImportError("LoRA needs peft: pip install peft (or tempflow[diffusers])") from exc
+        targets = list(targets or ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                                   "to_add_out"])  # fmt: skip
+        self.trained_module().requires_grad_(False)
+        self.transformer.add_adapter(
+            LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+        )
+        self.lora = True
+
+    @contextmanager
+    def reference(self):
+        """Within this block the model is its frozen base (LoRA adapters disabled): the KL reference of LoRA
+        fine-tuning, with no second copy of the weights."""
+        if not getattr(self, "lora", False):
+            raise RuntimeError("reference() needs LoRA (use_lora); full fine-tuning keeps a frozen copy instead")
+        self.transformer.disable_adapters()
+        try:
+            yield self
+        finally:
+            self.transformer.enable_adapters()
 
     def time_grid(self, num_steps: int, device=None) -> sde.TimeGrid:
         return sde.time_grid(num_steps, shift=self.shift, device=device)

@@ -115,8 +115,8 @@ class _DiffusersModel(FlowModel):
     def unpack(self, latents: torch.Tensor) -> torch.Tensor:
         return latents
 
-    def trainable_parameters(self):
-        return (p for p in self.transformer.parameters() if p.requires_grad)
+    def trained_module(self):
+        return self.transformer
 
 
 class SD3Model(_DiffusersModel):

@@ -154,8 +154,12 @@ class DigitsModel(FlowModel):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return images * 2 - 1
 
-    def trainable_parameters(self):
-        return self.net.parameters()
+    @property
+    def transformer(self):
+        return self.net.transformer
+
+    def trained_module(self):
+        return self.net
 
 
 def pretrain(
