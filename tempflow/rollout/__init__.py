@@ -1,0 +1,8 @@
+"""Rollouts: branch plans, the batched tree-rollout engine, and the naive official-style loop it must equal."""
+
+from .batch import RolloutBatch
+from .engine import CallableModel, RolloutConfig, rollout
+from .naive import naive_rollout
+from .plan import BranchPlan
+
+__all__ = ["BranchPlan", "RolloutBatch", "RolloutConfig", "CallableModel", "rollout", "naive_rollout"]

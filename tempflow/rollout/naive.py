@@ -1,0 +1,109 @@
+"""The naive reference loop, in the structure of the official TempFlow-GRPO code: per prompt, per seed, per step one
+forward of the main path; at a branch step K one-step SDE branches, then a sequential ODE loop that completes the K
+branches (as one batch), decode, score. Flow-GRPO plans: one sequential trajectory per seed. It uses the pure-torch
+reference step and the same counter-based noise as the engine, so the two give the same rows; the engine is the fast
+one. Used by the tests and by bench/bench_rollout.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .. import rng, sde
+from ..models.base import FlowModel
+from .batch import RolloutBatch
+from .engine import (
+    CallableModel,
+    RolloutConfig,
+    _assemble,
+    _path_key,
+    _Rows,
+    initial_noise,
+    score_paths,
+    step_keys,
+)
+
+__all__ = ["naive_rollout"]
+
+
+@torch.no_grad()
+def naive_rollout(
+    model: FlowModel | Callable,
+    prompts: Sequence[str],
+    reward_fn: Callable,
+    config: RolloutConfig | None = None,
+    *,
+    prompt_ids: torch.Tensor | None = None,
+    metadata: Sequence[dict] | None = None,
+    latent_shape: Sequence[int] | None = None,
+    stats: dict | None = None,
+) -> RolloutBatch:
+    """Same arguments and result as :func:`tempflow.rollout.rollout`."""
+    cfg = config or RolloutConfig()
+    if not isinstance(model, FlowModel):
+        if latent_shape is None:
+            raise ValueError("a plain velocity function needs latent_shape=")
+        model = CallableModel(model, latent_shape)
+    plan, T, K = cfg.plan, cfg.plan.num_steps, cfg.plan.K
+    grid = model.time_grid(T)
+    table = sde.sde_table(grid, cfg.schedule, cfg.noise_level)
+    pid_of = torch.arange(len(prompts)) if prompt_ids is None else torch.as_tensor(prompt_ids, dtype=torch.long)
+    shape = tuple(model.latent_shape)
+    rows = _Rows()
+    done = {"key": [], "reward": [], "image": [], "prompt": []}
+    calls = 0
+    cond = model.encode(list(prompts))
+
+    def finish(x, pi, s, origin, branch):
+        """Decode and score finished paths at once, as the official loop does after each branch point."""
+        n = x.shape[0]
+        images, rewards = score_paths(model, reward_fn, list(prompts), x, torch.full((n,), pi), n, metadata)
+        full = torch.full((n,), 0)
+        done["key"].append(_path_key(plan, full + pi, full + s, full + origin, branch))
+        done["reward"].append(rewards)
+        done["image"].append(images)
+        done["prompt"].append(full + pi)
+
+    def forward(x, k, pi):
+        nonlocal calls
+        calls += 1
+        index = torch.full((x.shape[0],), pi, dtype=torch.long)
+        return model.velocity(x, grid.sigmas[k], cond, index, cfg.guidance).float()
+
+    for pi in range(len(prompts)):
+        pid = pid_of[pi : pi + 1]
+        for s in range(cfg.seeds_per_prompt):
+            sid = torch.tensor([s])
+            x = initial_noise(cfg.seed, pid, sid, shape)
+            for k in range(T):
+                if plan.mode == "branch" and k > max(plan.sde_steps):
+                    break
+                v = forward(x, k, pi)
+                if k in plan.sde_steps:
+                    k_s = K if plan.mode == "branch" else 1
+                    keys = step_keys(cfg.seed, pid, sid, torch.tensor([k]), k_s)[0]
+                    noise = rng.normal_from_keys(keys, shape)
+                    outs = [sde.sde_step(x, v, k, table, noise=eps[None], check_finite=False) for eps in noise]
+                    actions = torch.cat([o.sample for o in outs])
+                    full = torch.full((k_s,), 0)
+                    rows.add(prompt=full + pi, pid=pid.expand(k_s), seed=full + s, step=full + k,
+                             branch=torch.arange(k_s), state=x.expand(k_s, *shape), action=actions,
+                             logp=torch.cat([o.log_prob for o in outs]),
+                             path=_path_key(plan, full + pi, full + s, full + k, torch.arange(k_s)))  # fmt: skip
+                    if plan.mode == "branch":
+                        xc = actions  # complete the K branches with the ODE, one step after another
+                        for m in range(k + 1, T):
+                            xc = sde.ode_step(xc, forward(xc, m, pi), m, grid)
+                        finish(xc, pi, s, k, torch.arange(K))
+                        x = sde.ode_step(x, v, k, grid)
+                    else:
+                        x = actions
+                else:
+                    x = sde.ode_step(x, v, k, grid)
+            if plan.mode == "trajectory":
+                finish(x, pi, s, -1, torch.zeros(1, dtype=torch.long))
+    if stats is not None:
+        stats.update(model_calls=calls)
+    cat = {k: torch.cat(v) for k, v in done.items()}
+    return _assemble(rows, list(prompts), cat["key"], cat["reward"], cat["image"], cat["prompt"])
