@@ -85,15 +85,17 @@ def main() -> None:
         results = {}
         for variant, fn in (("naive", naive_rollout), ("engine", rollout)):
             timed.reset()
+            stats = {}
             start = time.perf_counter()
-            batch = fn(model, prompts, reward, cfg)
+            batch = fn(model, prompts, reward, cfg, stats=stats)
             wall = time.perf_counter() - start
             results[variant] = batch
             rows.append({
                 "model": name, "params_M": params / 1e6, "variant": variant, "model_calls": timed.calls,
                 "samples_forwarded": timed.samples, "wall_s": wall, "images": batch.images.shape[0],
                 "images_per_s": batch.images.shape[0] / wall, "forward_s": timed.seconds,
-                "outside_forward": 1 - timed.seconds / wall,
+                "outside_forward": 1 - timed.seconds / wall, "largest_batch": stats.get("largest_batch", 1),
+                "peak_live_items": stats.get("peak_live_items", K + 1),
             })  # fmt: skip
         a, b = results["engine"], results["naive"]
         same = torch.equal(a.step, b.step) and torch.allclose(a.old_log_prob, b.old_log_prob, atol=1e-4)
@@ -112,6 +114,8 @@ def main() -> None:
         ("wall_s", "wall s", ".2f"),
         ("images_per_s", "images/s", ".1f"),
         ("outside_forward", "outside fwd", ".3f"),
+        ("largest_batch", "max batch", "d"),
+        ("peak_live_items", "live items", "d"),
         ("speedup", "x naive", ".2f"),
     ]
     print(f"{head['device']}  torch {head['torch']}  commit {head['commit']}  T={T} K={K} N=4 "

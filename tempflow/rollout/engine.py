@@ -118,7 +118,8 @@ def rollout(
         model: a :class:`FlowModel` adapter, or a plain ``velocity_fn(x, t, cond_index) -> v`` (then give
             ``latent_shape``; rewards see the raw latents unless you wrap it in :class:`CallableModel`).
         prompt_ids: global prompt ids for the noise streams (default 0..N-1; ranks pass their global ids).
-        stats: filled with ``model_calls`` and ``samples_forwarded``.
+        stats: filled with ``model_calls``, ``samples_forwarded``, ``largest_batch`` (<= ``max_batch``: what bounds
+            the forward's activation memory) and ``peak_live_items`` (latents held at once).
     """
     cfg = config or RolloutConfig()
     if not isinstance(model, FlowModel):
@@ -153,19 +154,21 @@ def rollout(
     }
     rows = _Rows()
     finished = {k: [] for k in ("x", "prompt", "seed", "origin", "branch")}
-    calls = forwarded = 0
+    calls = forwarded = peak_live = largest = 0
     gen = torch.Generator().manual_seed(cfg.shuffle) if cfg.shuffle is not None else None
     while live["x"].shape[0]:
         if gen is not None:
             perm = torch.randperm(live["x"].shape[0], generator=gen)
             live = {k: v[perm] for k, v in live.items()}
         x, step, p = live["x"], live["step"], live["prompt"]
+        peak_live = max(peak_live, x.shape[0])
         v = torch.empty(x.shape, dtype=torch.float32)
         for lo in range(0, x.shape[0], cfg.max_batch):
             sl = slice(lo, lo + cfg.max_batch)
             v[sl] = model.velocity(x[sl], grid.sigmas[step[sl]], cond, p[sl], cfg.guidance).float()
             calls += 1
             forwarded += x[sl].shape[0]
+            largest = max(largest, x[sl].shape[0])
         x_next = sde.ode_step(x, v, step, grid)
         stochastic = sde_steps[step] & (live["main"] if plan.mode == "branch" else torch.ones_like(live["main"]))
         new_items = None
@@ -217,7 +220,8 @@ def rollout(
     images, rewards = score_paths(model, reward_fn, list(prompts), fin["x"], fin["prompt"], cfg.max_batch, metadata)
     fin_key = _path_key(plan, fin["prompt"], fin["seed"], fin["origin"], fin["branch"])
     if stats is not None:
-        stats.update(model_calls=calls, samples_forwarded=forwarded)
+        # peak memory: the largest forward batch (bounded by max_batch) and the latents held live at once
+        stats.update(model_calls=calls, samples_forwarded=forwarded, largest_batch=largest, peak_live_items=peak_live)
     return _assemble(rows, list(prompts), fin_key, rewards, images, fin["prompt"])
 
 
