@@ -94,8 +94,8 @@ def main() -> None:
                 "model": name, "params_M": params / 1e6, "variant": variant, "model_calls": timed.calls,
                 "samples_forwarded": timed.samples, "wall_s": wall, "images": batch.images.shape[0],
                 "images_per_s": batch.images.shape[0] / wall, "forward_s": timed.seconds,
-                "outside_forward": 1 - timed.seconds / wall, "largest_batch": stats.get("largest_batch", 1),
-                "peak_live_items": stats.get("peak_live_items", K + 1),
+                "outside_forward": 1 - timed.seconds / wall, "largest_batch": stats["largest_batch"],
+                "peak_live_items": stats["peak_live_items"],
             })  # fmt: skip
         a, b = results["engine"], results["naive"]
         same = torch.equal(a.step, b.step) and torch.allclose(a.old_log_prob, b.old_log_prob, atol=1e-4)

@@ -52,7 +52,7 @@ def naive_rollout(
     shape = tuple(model.latent_shape)
     rows = _Rows()
     done = {"key": [], "reward": [], "image": [], "prompt": []}
-    calls = 0
+    calls = largest = 0
     cond = model.encode(list(prompts))
 
     def finish(x, pi, s, origin, branch):
@@ -66,8 +66,9 @@ def naive_rollout(
         done["prompt"].append(full + pi)
 
     def forward(x, k, pi):
-        nonlocal calls
+        nonlocal calls, largest
         calls += 1
+        largest = max(largest, x.shape[0])
         index = torch.full((x.shape[0],), pi, dtype=torch.long)
         return model.velocity(x, grid.sigmas[k], cond, index, cfg.guidance).float()
 
@@ -103,7 +104,8 @@ def naive_rollout(
                     x = sde.ode_step(x, v, k, grid)
             if plan.mode == "trajectory":
                 finish(x, pi, s, -1, torch.zeros(1, dtype=torch.long))
-    if stats is not None:
-        stats.update(model_calls=calls)
+    if stats is not None:  # live at once: the main path and the K completions of one branch point
+        live = K + 1 if plan.mode == "branch" else 1
+        stats.update(model_calls=calls, samples_forwarded=None, largest_batch=largest, peak_live_items=live)
     cat = {k: torch.cat(v) for k, v in done.items()}
     return _assemble(rows, list(prompts), cat["key"], cat["reward"], cat["image"], cat["prompt"])
