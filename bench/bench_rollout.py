@@ -6,7 +6,7 @@ Reports model calls, wall time, images per second, the share of wall time spent 
 engine's own overhead), and the per-sample forward cost at each batch size, which bounds what batching can gain
 on this machine.
 
-    python bench/bench_rollout.py [--prompts 2] [--cap 256] [--quick]
+    python bench/bench_rollout.py [--prompts 2] [--caps 32 256] [--quick]
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def forward_cost(model, batches, reps=3):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=2, help="prompts (default 2: 8 seeds with N=4)")
-    parser.add_argument("--cap", type=int, default=256, help="engine's maximum batch per model call")
+    parser.add_argument("--caps", type=int, nargs="+", default=[32, 256], help="engine's maximum batch per call")
     parser.add_argument("--quick", action="store_true", help="T=4, K=2 smoke run")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -81,9 +81,10 @@ def main() -> None:
     for name, model in (("digits 0.6M", dg.DigitsModel.load()), ("sd3-arch larger", larger_model())):
         params = sum(p.numel() for p in model.net.parameters())
         timed = Timed(model)
-        cfg = RolloutConfig(plan=plan, seeds_per_prompt=4, guidance=2.0, max_batch=args.cap)
         results = {}
-        for variant, fn in (("naive", naive_rollout), ("engine", rollout)):
+        runs = [("naive", naive_rollout, args.caps[0])] + [(f"engine cap {c}", rollout, c) for c in args.caps]
+        for variant, fn, cap in runs:
+            cfg = RolloutConfig(plan=plan, seeds_per_prompt=4, guidance=2.0, max_batch=cap)
             timed.reset()
             stats = {}
             start = time.perf_counter()
@@ -97,11 +98,13 @@ def main() -> None:
                 "outside_forward": 1 - timed.seconds / wall, "largest_batch": stats["largest_batch"],
                 "peak_live_items": stats["peak_live_items"],
             })  # fmt: skip
-        a, b = results["engine"], results["naive"]
-        same = torch.equal(a.step, b.step) and torch.allclose(a.old_log_prob, b.old_log_prob, atol=1e-4)
-        speed = rows[-2]["wall_s"] / rows[-1]["wall_s"]
-        rows[-1]["speedup"] = speed
-        rows[-1]["same_rows"] = bool(same)
+        naive_wall = rows[-len(runs)]["wall_s"]
+        for row in rows[-len(runs) + 1 :]:
+            row["speedup"] = naive_wall / row["wall_s"]
+        a, b = results[runs[-1][0]], results["naive"]
+        rows[-1]["same_rows"] = bool(
+            torch.equal(a.step, b.step) and torch.allclose(a.old_log_prob, b.old_log_prob, atol=1e-4)
+        )
         cost = forward_cost(model, (1, 6, 12, 24, 48, 96, 192))
         rows[-1]["forward_s_per_sample"] = {str(k): v for k, v in cost.items()}
         print(f"{name}: per-sample forward ms by batch: " + ", ".join(f"{k}: {1e3 * v:.3f}" for k, v in cost.items()))
@@ -119,9 +122,9 @@ def main() -> None:
         ("speedup", "x naive", ".2f"),
     ]
     print(f"{head['device']}  torch {head['torch']}  commit {head['commit']}  T={T} K={K} N=4 "
-          f"prompts={len(prompts)} cap={args.cap}")  # fmt: skip
+          f"prompts={len(prompts)}")  # fmt: skip
     print(harness.table(rows, cols))
-    path = harness.write("bench_rollout", {**head, "T": T, "K": K, "N": 4, "prompts": len(prompts), "cap": args.cap,
+    path = harness.write("bench_rollout", {**head, "T": T, "K": K, "N": 4, "prompts": len(prompts), "caps": args.caps,
                                            "quick": args.quick, "rows": rows})  # fmt: skip
     print(f"appended to {os.path.relpath(path)}")
 
