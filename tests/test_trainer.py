@@ -1,0 +1,92 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from tempflow import cli  # noqa: E402
+from tempflow.models import digits as dg  # noqa: E402
+from tempflow.rewards import DigitCorrectness  # noqa: E402
+from tempflow.train.trainer import TrainConfig, train  # noqa: E402
+
+TINY = dict(num_layers=1, attention_head_dim=8, num_attention_heads=2, text_dim=16)
+
+
+def tiny_config(out, **kw):
+    base = dict(steps=3, branches=2, seeds_per_prompt=2, prompts_per_iteration=1, iterations=4, lora_rank=4,
+                lora_alpha=8, states_per_step=2, checkpoint_every=2, out=str(out), lr=1e-2)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return dg.DigitsModel(dg.DigitsConfig(**TINY))
+
+
+def test_training_changes_every_trainable_weight_and_logs(tmp_path):
+    cfg = tiny_config(tmp_path)
+    initial = tiny_model()
+    torch.manual_seed(cfg.seed)  # train() seeds the same way before attaching its LoRA adapters
+    initial.use_lora(cfg.lora_rank, cfg.lora_alpha)
+    before = [p.detach().clone() for p in initial.trainable_parameters()]
+    model = tiny_model()
+    metrics = train(model, DigitCorrectness(), cfg, log=lambda *_: None)
+    after = list(model.trainable_parameters())
+    assert len(after) == len(before)
+    assert torch.equal(before[0], next(iter(initial.trainable_parameters())))
+    # every adapter that can influence the output moves (SD3's last block has no context output to adapt)
+    reachable = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in after]
+    assert sum(reachable) >= len(after) - 2
+    for p, b, r in zip(after, before, reachable, strict=True):
+        if r:
+            assert not torch.equal(p, b)
+    lines = open(tmp_path / "metrics.jsonl").read().splitlines()
+    assert len(lines) == 4 and json.loads(lines[-1])["iteration"] == 4 == metrics["iteration"]
+    assert json.load(open(tmp_path / "config.json"))["branches"] == 2
+
+
+KILLED_RUN = textwrap.dedent("""
+    import os, sys, torch
+    sys.path.insert(0, {root!r})
+    from tests.test_trainer import tiny_config, tiny_model
+    from tempflow.rewards import DigitCorrectness
+    from tempflow.train.trainer import train
+    reward = DigitCorrectness()
+    calls = []
+    def dying_reward(images, prompts, metadata):
+        calls.append(1)
+        if len(calls) == 3:  # in the middle of the third iteration's rollout, after the checkpoint of iteration 2
+            os._exit(17)
+        return reward(images, prompts, metadata)
+    dying_reward.name = "digit-correctness"
+    train(tiny_model(), dying_reward, tiny_config({out!r}, max_batch=1000), log=lambda *_: None)
+""")
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    killed = tmp_path / "killed"
+    done = subprocess.run([sys.executable, "-c", KILLED_RUN.format(root=root, out=str(killed))], cwd=root)
+    assert done.returncode == 17
+    assert json.loads(open(killed / "metrics.jsonl").read().splitlines()[-1])["iteration"] == 2
+    resumed = tiny_model()
+    train(resumed, DigitCorrectness(), tiny_config(killed, max_batch=1000), resume=True, log=lambda *_: None)
+    straight = tiny_model()
+    train(straight, DigitCorrectness(), tiny_config(tmp_path / "straight", max_batch=1000), log=lambda *_: None)
+    for a, b in zip(resumed.trainable_parameters(), straight.trainable_parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_cli_settings(tmp_path, capsys):
+    assert cli.main(["train", "--help-config"]) == 0
+    assert "clip_eps" in capsys.readouterr().out
+    assert cli.main(["train", "--set", "bogus=1"]) == 2
+    assert "unknown setting 'bogus'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="method must be"):
+        TrainConfig(method="ddpo").validate()
