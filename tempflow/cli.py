@@ -161,6 +161,10 @@ def cmd_sample(args) -> int:
 
     kwargs = {} if args.model == "digits" else {"height": args.size, "width": args.size, "torch_dtype": torch.float32}
     model = load_model(args.model, **kwargs)
+    if args.run:
+        from .train.trainer import load_run
+
+        load_run(model, args.run, use_ema=args.ema)
     prompts = [p for p in args.prompts for _ in range(args.per_prompt)]
     guidance = model.default_guidance if args.guidance is None else args.guidance
     start = time.perf_counter()
@@ -268,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--model", default="digits", help="'digits' (the embedded default) or a local diffusers "
                      "SD3/SD3.5/FLUX pipeline folder")  # fmt: skip
     smp.add_argument("--size", type=int, default=512, help="image size for diffusers models (default 512)")
+    smp.add_argument("--run", default=None, help="a tempflow train output folder: sample its trained weights")
+    smp.add_argument("--ema", action="store_true", help="with --run: use the EMA weights")
     smp.set_defaults(func=cmd_sample)
 
     tr = sub.add_parser("train", help="TempFlow-GRPO (or Flow-GRPO) on the embedded default digits model")

@@ -83,6 +83,19 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_sample_from_a_run(tmp_path, capsys):
+    from tempflow.train.trainer import load_run
+
+    cfg = tiny_config(tmp_path / "run", iterations=2)
+    trained = tiny_model()
+    train(trained, DigitCorrectness(), cfg, log=lambda *_: None)
+    again = load_run(tiny_model(), str(tmp_path / "run"))
+    for a, b in zip(trained.trainable_parameters(), again.trainable_parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_run(tiny_model(), str(tmp_path / "nothing"))
+
+
 def test_cli_settings(tmp_path, capsys):
     assert cli.main(["train", "--help-config"]) == 0
     assert "clip_eps" in capsys.readouterr().out

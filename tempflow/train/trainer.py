@@ -79,6 +79,22 @@ def prompts_for(iteration: int, cfg: TrainConfig) -> tuple[list[str], torch.Tens
     return [prompt_for(int(d)) for d in digits], ids
 
 
+def load_run(model, run: str, use_ema: bool = False):
+    """Put a run's trained weights (its checkpoint.pt; the EMA copy with ``use_ema``) into ``model``."""
+    path = os.path.join(run, "checkpoint.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint in {run!r}: train first (tempflow train --set out={run})")
+    state = torch.load(path, weights_only=False)
+    cfg = state["config"]
+    if cfg["lora_rank"] > 0:
+        model.use_lora(cfg["lora_rank"], cfg["lora_alpha"])
+    weights = state["ema"] if use_ema and state["ema"] is not None else state["params"]
+    with torch.no_grad():
+        for p, v in zip(model.trainable_parameters(), weights, strict=True):
+            p.copy_(v)
+    return model
+
+
 def save_checkpoint(path: str, state: dict) -> None:
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
