@@ -86,6 +86,23 @@ class _Rows:
         return torch.cat(self.cols[name]) if self.cols[name] else torch.empty(0)
 
 
+def _setup(model, prompts, config, prompt_ids, latent_shape):
+    """What both rollout loops start from: the config, the model as an adapter, the grid and step table, and the
+    global prompt ids of the noise streams."""
+    cfg = config or RolloutConfig()
+    if not isinstance(model, FlowModel):
+        if latent_shape is None:
+            raise ValueError("a plain velocity function needs latent_shape=")
+        model = CallableModel(model, latent_shape)
+    grid = model.time_grid(cfg.plan.num_steps)
+    table = sde.sde_table(grid, cfg.schedule, cfg.noise_level)
+    n = len(prompts)
+    pid_of = torch.arange(n) if prompt_ids is None else torch.as_tensor(prompt_ids, dtype=torch.long)
+    if pid_of.shape != (n,):
+        raise ValueError(f"prompt_ids must hold one id per prompt ({n}), got {tuple(pid_of.shape)}")
+    return cfg, model, grid, table, pid_of
+
+
 def score_paths(model, reward_fn, prompts, x, prompt_index, max_batch, metadata=None):
     """Decode and score finished latents in chunks: ``(images, rewards)``."""
     images, rewards = [], []
@@ -121,23 +138,14 @@ def rollout(
         stats: filled with ``model_calls``, ``samples_forwarded``, ``largest_batch`` (<= ``max_batch``: what bounds
             the forward's activation memory) and ``peak_live_items`` (latents held at once).
     """
-    cfg = config or RolloutConfig()
-    if not isinstance(model, FlowModel):
-        if latent_shape is None:
-            raise ValueError("a plain velocity function needs latent_shape=")
-        model = CallableModel(model, latent_shape)
+    cfg, model, grid, table, pid_of = _setup(model, prompts, config, prompt_ids, latent_shape)
     plan = cfg.plan
     T, K = plan.num_steps, plan.K
-    grid = model.time_grid(T)
-    table = sde.sde_table(grid, cfg.schedule, cfg.noise_level)
     sde_steps = torch.zeros(T + 1, dtype=torch.bool)
     sde_steps[list(plan.sde_steps)] = True
     last_branch = max(plan.sde_steps)
     cond = model.encode(list(prompts))
     n_prompts, S = len(prompts), cfg.seeds_per_prompt
-    pid_of = torch.arange(n_prompts) if prompt_ids is None else torch.as_tensor(prompt_ids, dtype=torch.long)
-    if pid_of.shape != (n_prompts,):
-        raise ValueError(f"prompt_ids must hold one id per prompt ({n_prompts}), got {tuple(pid_of.shape)}")
     shape = tuple(model.latent_shape)
 
     # live items: main paths (branch mode) or trajectories, then completions

@@ -14,11 +14,11 @@ from .. import rng, sde
 from ..models.base import FlowModel
 from .batch import RolloutBatch
 from .engine import (
-    CallableModel,
     RolloutConfig,
     _assemble,
     _path_key,
     _Rows,
+    _setup,
     initial_noise,
     score_paths,
     step_keys,
@@ -40,15 +40,8 @@ def naive_rollout(
     stats: dict | None = None,
 ) -> RolloutBatch:
     """Same arguments and result as :func:`tempflow.rollout.rollout`."""
-    cfg = config or RolloutConfig()
-    if not isinstance(model, FlowModel):
-        if latent_shape is None:
-            raise ValueError("a plain velocity function needs latent_shape=")
-        model = CallableModel(model, latent_shape)
+    cfg, model, grid, table, pid_of = _setup(model, prompts, config, prompt_ids, latent_shape)
     plan, T, K = cfg.plan, cfg.plan.num_steps, cfg.plan.K
-    grid = model.time_grid(T)
-    table = sde.sde_table(grid, cfg.schedule, cfg.noise_level)
-    pid_of = torch.arange(len(prompts)) if prompt_ids is None else torch.as_tensor(prompt_ids, dtype=torch.long)
     shape = tuple(model.latent_shape)
     rows = _Rows()
     done = {"key": [], "reward": [], "image": [], "prompt": []}
