@@ -237,6 +237,29 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .models import digits as dg
+
+    model = dg.DigitsModel.load()
+    label = "base model"
+    if args.run:
+        from .train.trainer import load_run
+
+        load_run(model, args.run, use_ema=not args.no_ema)
+        label = f"{args.run} ({'final' if args.no_ema else 'EMA'} weights)"
+    results = {}
+    if min(args.eval_steps) < 1 or args.per_digit < 1:
+        raise ValueError("--steps and --per-digit must be positive")
+    for steps in args.eval_steps:
+        acc = dg.prompt_agreement(model, steps=steps, guidance=args.guidance, per_digit=args.per_digit, seed=args.seed)
+        results[f"agreement_T{steps}"] = acc
+        print(f"{label}: held-out prompt agreement at T={steps}: {acc:.3f} ({10 * args.per_digit} samples)")
+    if args.run:
+        with open(os.path.join(args.run, "eval.json"), "w") as fh:
+            json.dump({**results, "ema": not args.no_ema, "per_digit": args.per_digit}, fh, indent=2)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tempflow", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"tempflow {__version__}")
@@ -283,6 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--eval-per-digit", type=int, default=50, help="samples per digit for the agreement measure")
     tr.add_argument("--help-config", action="store_true", help="list every setting with its help and exit")
     tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="held-out prompt agreement of the digits model or a run (deterministic ODE)")
+    ev.add_argument("--run", default=None, help="a tempflow train output folder (default: the base model)")
+    ev.add_argument("--no-ema", action="store_true", help="with --run: the final weights instead of the EMA")
+    ev.add_argument(
+        "--steps", dest="eval_steps", type=int, nargs="+", default=[10, 40], help="ODE steps (default 10 40)"
+    )
+    ev.add_argument("--guidance", type=float, default=None, help="guidance (default: the model's)")
+    ev.add_argument("--per-digit", type=int, default=50, help="samples per digit (default 50)")
+    ev.add_argument("--seed", type=int, default=1, help="noise seed of the evaluation samples")
+    ev.set_defaults(func=cmd_eval)
 
     doctor = sub.add_parser("doctor", help="report installed parts, built extensions and backends")
     doctor.set_defaults(func=cmd_doctor)

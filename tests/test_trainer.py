@@ -96,6 +96,12 @@ def test_sample_from_a_run(tmp_path, capsys):
         load_run(tiny_model(), str(tmp_path / "nothing"))
 
 
+def test_eval_command(tmp_path, capsys):
+    assert cli.main(["eval", "--steps", "4", "--per-digit", "2"]) == 0
+    assert "base model: held-out prompt agreement at T=4" in capsys.readouterr().out
+    assert cli.main(["eval", "--run", str(tmp_path / "missing")]) == 2
+
+
 def test_cli_settings(tmp_path, capsys):
     assert cli.main(["train", "--help-config"]) == 0
     assert "clip_eps" in capsys.readouterr().out
