@@ -90,6 +90,9 @@ def _setup(model, prompts, config, prompt_ids, latent_shape):
     """What both rollout loops start from: the config, the model as an adapter, the grid and step table, and the
     global prompt ids of the noise streams."""
     cfg = config or RolloutConfig()
+    limit = 4096  # rows are ordered by one int64 key with 12 bits for each of seed, step and branch
+    if max(cfg.seeds_per_prompt, cfg.plan.num_steps + 1, cfg.plan.K) >= limit or cfg.seeds_per_prompt < 1:
+        raise ValueError(f"seeds per prompt, steps and branches must each be in 1 .. {limit - 2}")
     if not isinstance(model, FlowModel):
         if latent_shape is None:
             raise ValueError("a plain velocity function needs latent_shape=")

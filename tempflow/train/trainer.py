@@ -138,7 +138,7 @@ def train(model, reward_fn, cfg: TrainConfig, resume: bool = False, log=print, e
         if cfg.method == "tempflow":
             adv = tempflow_advantages(batch, cfg.group)
         else:
-            adv = flow_grpo_advantages(batch, "global" if cfg.group not in ("prompt",) else "prompt")
+            adv = flow_grpo_advantages(batch, "prompt" if cfg.group == "prompt" else "global")
         loss_sum, kl_sum, n_states = _update(model, batch, adv, plan, table, weights, cfg, opt, params)
         if ema is not None:
             with torch.no_grad():
