@@ -170,30 +170,12 @@ def cmd_sample(args) -> int:
     start = time.perf_counter()
     latents = sample(model, prompts, steps=args.steps, guidance=guidance, seed=args.seed, progress=True)
     images = model.decode(latents)
+    from .train.plots import save_grid
+
     save_grid(images, args.per_prompt, args.out, scale=args.scale)
     seconds = time.perf_counter() - start
     print(f"{len(prompts)} samples (T={args.steps}, guidance {guidance}) in {seconds:.1f} s -> {args.out}")
     return 0
-
-
-def save_grid(images: torch.Tensor, columns: int, path: str, scale: int = 4, pad: int = 2) -> None:
-    """Write (B, C, H, W) images in [0, 1] as one PNG grid, ``columns`` per row, each pixel ``scale`` x ``scale``."""
-    from PIL import Image
-
-    b, c, h, w = images.shape
-    rows = (b + columns - 1) // columns
-    canvas = torch.ones(3, rows * (h + pad) + pad, columns * (w + pad) + pad)
-    rgb = images.float().clamp(0, 1).expand(-1, 3, -1, -1) if c == 1 else images.float().clamp(0, 1)
-    for i in range(b):
-        r, col = divmod(i, columns)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        canvas[:, top : top + h, left : left + w] = rgb[i]
-    pixels = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    img = Image.fromarray(pixels)
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
 
 
 def cmd_train(args) -> int:

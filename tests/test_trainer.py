@@ -49,6 +49,10 @@ def test_training_changes_every_trainable_weight_and_logs(tmp_path):
     lines = open(tmp_path / "metrics.jsonl").read().splitlines()
     assert len(lines) == 4 and json.loads(lines[-1])["iteration"] == 4 == metrics["iteration"]
     assert json.load(open(tmp_path / "config.json"))["branches"] == 2
+    from PIL import Image
+
+    assert Image.open(tmp_path / "reward_curve.png").size == (640, 400)
+    assert Image.open(tmp_path / "samples.png").size[0] > 0
 
 
 KILLED_RUN = textwrap.dedent("""

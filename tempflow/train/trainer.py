@@ -48,7 +48,7 @@ class TrainConfig:
     max_batch: int = _f(32, "rollout engine's maximum batch per model call")
     seed: int = _f(0, "run seed (noise streams, prompt order)")
     out: str = _f("runs/digits", "output folder: config, metrics.jsonl, checkpoint.pt")
-    checkpoint_every: int = _f(10, "iterations between checkpoints")
+    checkpoint_every: int = _f(10, "iterations between checkpoints, reward-curve PNGs and sample grids")
 
     def validate(self) -> None:
         if self.method not in ("tempflow", "flow-grpo"):
@@ -161,9 +161,27 @@ def train(model, reward_fn, cfg: TrainConfig, resume: bool = False, log=print, e
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
             save_checkpoint(ckpt, {"params": [p.detach().clone() for p in params], "optimizer": opt.state_dict(),
                                    "ema": ema, "iteration": it + 1, "config": asdict(cfg)})  # fmt: skip
+            _report(model, cfg, metrics_path)
         if evaluate is not None:
             evaluate(model, it + 1)
     return metrics
+
+
+def _report(model, cfg: TrainConfig, metrics_path: str) -> None:
+    """The reward curve so far (reward_curve.png) and a grid of the current policy's samples (samples.png)."""
+    from ..models.base import sample
+    from .plots import line_chart, moving_average, save_grid
+
+    rewards = [json.loads(line)["reward"] for line in open(metrics_path)]
+    line_chart({"reward": rewards, "moving average (10)": moving_average(rewards)},
+               os.path.join(cfg.out, "reward_curve.png"), title="mean reward per iteration")  # fmt: skip
+    if hasattr(model, "decode"):
+        from ..models.digits import prompt_for
+
+        prompts = [prompt_for(d) for d in range(10) for _ in range(4)]
+        with torch.no_grad():
+            images = model.decode(sample(model, prompts, cfg.steps, cfg.guidance, seed=cfg.seed + 1))
+        save_grid(images, 4, os.path.join(cfg.out, "samples.png"))
 
 
 def _final_reward(batch) -> float:

@@ -1,0 +1,76 @@
+"""PNGs drawn with Pillow (no plotting library needed): the trainer's reward curve and image grids."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from PIL import Image, ImageDraw
+
+COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+
+
+def line_chart(series: dict[str, Sequence[float]], path: str, title: str = "", size=(640, 400)) -> None:
+    """Write ``series`` (name -> values, x = 1..n) as a line chart PNG, atomically."""
+    w, h = size
+    left, right, top, bottom = 56, 16, 28, 36
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    values = [v for s in series.values() for v in s]
+    if not values:
+        raise ValueError("nothing to plot")
+    lo, hi = min(values), max(values)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    n = max(len(s) for s in series.values())
+
+    def xy(i, v):
+        x = left + (w - left - right) * (i / max(n - 1, 1))
+        y = top + (h - top - bottom) * (1 - (v - lo) / (hi - lo))
+        return x, y
+
+    draw.rectangle([left, top, w - right, h - bottom], outline=(0, 0, 0))
+    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+        v = lo + frac * (hi - lo)
+        _, y = xy(0, v)
+        draw.line([left - 4, y, left, y], fill=(0, 0, 0))
+        draw.text((4, y - 6), f"{v:.3g}", fill=(0, 0, 0))
+    draw.text((left, h - bottom + 8), "1", fill=(0, 0, 0))
+    draw.text((w - right - 30, h - bottom + 8), f"{n}", fill=(0, 0, 0))
+    draw.text((left, 6), title, fill=(0, 0, 0))
+    for c, (name, s) in enumerate(series.items()):
+        color = COLORS[c % len(COLORS)]
+        if len(s) > 1:
+            draw.line([xy(i, v) for i, v in enumerate(s)], fill=color, width=2)
+        draw.text((w - right - 200, top + 6 + 14 * c), name, fill=color)
+    img.save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+
+
+def moving_average(values: Sequence[float], window: int = 10) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def save_grid(images: torch.Tensor, columns: int, path: str, scale: int = 4, pad: int = 2) -> None:
+    """Write (B, C, H, W) images in [0, 1] as one PNG grid, ``columns`` per row, each pixel ``scale`` x ``scale``."""
+    b, c, h, w = images.shape
+    rows = (b + columns - 1) // columns
+    canvas = torch.ones(3, rows * (h + pad) + pad, columns * (w + pad) + pad)
+    rgb = images.float().clamp(0, 1).expand(-1, 3, -1, -1) if c == 1 else images.float().clamp(0, 1)
+    for i in range(b):
+        r, col = divmod(i, columns)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        canvas[:, top : top + h, left : left + w] = rgb[i]
+    pixels = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    img = Image.fromarray(pixels)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
