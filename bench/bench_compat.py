@@ -22,22 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 from tempflow.compat.flow_grpo import sde_step_with_logprob  # noqa: E402
-from tempflow.compat.flow_grpo_eager import eager_sde_step_with_logprob  # noqa: E402
+from tempflow.compat.flow_grpo_eager import EagerScheduler, eager_sde_step_with_logprob  # noqa: E402
 from tempflow.sde import time_grid  # noqa: E402
 
 SHAPES = {"sd3.5-m 512px": (16, 64, 64), "flux 1024px": (4096, 64)}
-
-
-class GridScheduler:
-    """The two attributes Flow-GRPO's step reads from a diffusers scheduler, plus its index lookup."""
-
-    def __init__(self, steps: int, device):
-        grid = time_grid(steps, shift=3.0, device=device)
-        self.sigmas, self.timesteps = grid.sigmas, grid.timesteps
-
-    def index_for_timestep(self, timestep):
-        indices = (self.timesteps == timestep).nonzero()
-        return indices[1 if len(indices) > 1 else 0].item()
 
 
 def _call(fn, sched, v, ts, x, prev, device):
@@ -53,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     reps = 3 if args.quick else 15
-    sched = GridScheduler(10, device)
+    sched = EagerScheduler(time_grid(10, shift=3.0, device=device))
     bw = harness.copy_bandwidth(device)
     head = harness.header(device)
     rows = []

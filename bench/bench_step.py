@@ -28,21 +28,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 from tempflow import objective, ops, rng, sde  # noqa: E402
-from tempflow.compat.flow_grpo_eager import eager_sde_step_with_logprob  # noqa: E402
+from tempflow.compat.flow_grpo_eager import EagerScheduler, eager_sde_step_with_logprob  # noqa: E402
 
 SIZES = {"sd3": ("sd3.5-m 512px", (16, 64, 64)), "flux": ("flux 1024px", (4096, 64))}
 CLIP, BETA = 1e-4, 0.004
-
-
-class GridScheduler:
-    """The attributes Flow-GRPO's step reads from a diffusers scheduler, and its per-value index lookup."""
-
-    def __init__(self, grid: sde.TimeGrid):
-        self.sigmas, self.timesteps = grid.sigmas, grid.timesteps
-
-    def index_for_timestep(self, timestep):
-        indices = (self.timesteps == timestep).nonzero()
-        return indices[1 if len(indices) > 1 else 0].item()
 
 
 def eager_sample(sched, x, v, ts, K, gen):
@@ -82,7 +71,7 @@ def fused_loss(backend, x, v_leaf, steps, table, actions, old, adv, w, v_ref):
 def run_case(device, label, shape, B, K, reps, backend):
     grid = sde.time_grid(10, shift=3.0, device=device)
     table = sde.sde_table(grid, "flow-grpo", 0.7)
-    sched = GridScheduler(grid)
+    sched = EagerScheduler(grid)
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(B, *shape, device=device, generator=g)
     v = torch.randn(B, *shape, device=device, generator=g).to(torch.bfloat16)

@@ -388,7 +388,7 @@ def branch_logp_kl(
         name,
     )
     logp = _logp_from_sums(sums, std, d, table.logprob_kind)
-    kl = kl_sums * (cv * cv / (2 * std * std * d)) if v_ref is not None else kl_sums.detach() * 0
+    kl = kl_sums * (cv * cv / (2 * std * std * d)) if v_ref is not None else torch.zeros_like(kl_sums)
     return logp, kl
 
 

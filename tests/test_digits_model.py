@@ -66,10 +66,8 @@ def test_pretraining_is_reproducible_and_saves_atomically(tmp_path):
     assert json.load(open(tmp_path / "m.json"))["config"]["num_layers"] == 1
     x = torch.randn(2, *c.latent_shape)
     with torch.no_grad():
-        cond = a.encode(["7"])
         same = [m.velocity(x, 0.3, m.encode(["7"]), torch.zeros(2, dtype=torch.long)) for m in (a, c)]
     torch.testing.assert_close(same[0], same[1])
-    del cond
 
 
 def test_samples_do_not_depend_on_the_batch():

@@ -68,3 +68,16 @@ def eager_sde_step_with_logprob(
     if return_sqrt_dt:
         return prev_sample, log_prob, prev_sample_mean, std_dev_t, torch.sqrt(-1 * dt)
     return prev_sample, log_prob, prev_sample_mean, std_dev_t
+
+
+class EagerScheduler:
+    """The two tensors Flow-GRPO's step reads from a diffusers scheduler (``sigmas``, ``timesteps``) and diffusers'
+    per-value ``index_for_timestep``, over a :class:`tempflow.sde.TimeGrid`: lets benchmarks run the original
+    without a diffusers scheduler object."""
+
+    def __init__(self, grid):
+        self.sigmas, self.timesteps = grid.sigmas, grid.timesteps
+
+    def index_for_timestep(self, timestep):
+        indices = (self.timesteps == timestep).nonzero()
+        return indices[1 if len(indices) > 1 else 0].item()

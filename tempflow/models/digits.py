@@ -127,15 +127,9 @@ class DigitsModel(FlowModel):
 
     def save(self, path: str = WEIGHTS, **meta) -> None:
         """Weights (safetensors) and config + recipe (JSON), each written atomically."""
-        from safetensors.torch import save_file
+        from .._io import save_weights
 
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        meta_path = os.path.splitext(path)[0] + ".json"
-        with open(meta_path + ".tmp", "w") as fh:
-            json.dump({"config": asdict(self.cfg), **meta}, fh, indent=2, sort_keys=True)
-        os.replace(meta_path + ".tmp", meta_path)
+        save_weights(path, self.net.state_dict(), {"config": asdict(self.cfg), **meta})
 
     def encode(self, prompts: Sequence[str]) -> Conditioning:
         tokens = self.tokenizer(list(prompts)).to(self.device)

@@ -128,16 +128,9 @@ def train_classifier(seed: int = 0, epochs: int = 40, width: int = 32, log=print
 
 def save_classifier(model: DigitClassifier, path: str = CLASSIFIER_WEIGHTS, **meta) -> None:
     """Write the weights (safetensors) and a JSON of how they were made next to them, each atomically."""
-    from safetensors.torch import save_file
+    from .._io import save_weights
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, path)
-    meta_path = os.path.splitext(path)[0] + ".json"
-    with open(meta_path + ".tmp", "w") as fh:
-        json.dump({"width": model.width, **meta}, fh, indent=2, sort_keys=True)
-    os.replace(meta_path + ".tmp", meta_path)
+    save_weights(path, model.state_dict(), {"width": model.width, **meta})
 
 
 @torch.no_grad()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -48,8 +47,9 @@ class RolloutBatch:
 
     def save(self, path: str) -> None:
         """Atomic save (temporary file, then rename)."""
-        torch.save({f.name: getattr(self, f.name) for f in fields(self)}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        from .._io import atomic_torch_save
+
+        atomic_torch_save({f.name: getattr(self, f.name) for f in fields(self)}, path)
 
     @classmethod
     def load(cls, path: str) -> RolloutBatch:

@@ -181,7 +181,7 @@ def rollout(
             forwarded += x[sl].shape[0]
             largest = max(largest, x[sl].shape[0])
         x_next = sde.ode_step(x, v, step, grid)
-        stochastic = sde_steps[step] & (live["main"] if plan.mode == "branch" else torch.ones_like(live["main"]))
+        stochastic = sde_steps[step] & live["main"]  # trajectories are all main paths; completions never branch
         new_items = None
         if bool(stochastic.any()):
             idx = torch.nonzero(stochastic).flatten()

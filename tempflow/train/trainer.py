@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from .. import ops, sde
+from .._io import atomic_torch_save
 from ..rollout import BranchPlan, RolloutConfig, rollout
 from .advantages import flow_grpo_advantages, signal_rows, tempflow_advantages
 
@@ -95,11 +96,6 @@ def load_run(model, run: str, use_ema: bool = False):
     return model
 
 
-def save_checkpoint(path: str, state: dict) -> None:
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
 def train(model, reward_fn, cfg: TrainConfig, resume: bool = False, log=print, evaluate=None) -> dict:
     """Run ``cfg.iterations`` iterations on ``model`` (a FlowModel adapter); returns the last metrics."""
     cfg.validate()
@@ -159,8 +155,8 @@ def train(model, reward_fn, cfg: TrainConfig, resume: bool = False, log=print, e
             fh.write(json.dumps(metrics) + "\n")
         log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            save_checkpoint(ckpt, {"params": [p.detach().clone() for p in params], "optimizer": opt.state_dict(),
-                                   "ema": ema, "iteration": it + 1, "config": asdict(cfg)})  # fmt: skip
+            atomic_torch_save({"params": [p.detach().clone() for p in params], "optimizer": opt.state_dict(),
+                                   "ema": ema, "iteration": it + 1, "config": asdict(cfg)}, ckpt)  # fmt: skip
             _report(model, cfg, metrics_path)
         if evaluate is not None:
             evaluate(model, it + 1)
