@@ -205,17 +205,21 @@ def cmd_train(args) -> int:
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)} in {args.config}; see tempflow train --help-config")
     cfg = TrainConfig(**values)
-    print("tempflow train: " + ", ".join(f"{k}={v}" for k, v in sorted(vars(cfg).items())))
+    cfg.validate()
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    say = print if main_rank else (lambda *_: None)
+    say("tempflow train: " + ", ".join(f"{k}={v}" for k, v in sorted(vars(cfg).items())))
     model = dg.DigitsModel.load()
     start = time.perf_counter()
     base = dg.prompt_agreement(model, per_digit=args.eval_per_digit)
-    print(f"held-out prompt agreement before: {base:.3f} (T=10, guidance {model.default_guidance})")
-    train(model, DigitCorrectness(), cfg, resume=args.resume)
-    after = dg.prompt_agreement(model, per_digit=args.eval_per_digit)
+    say(f"held-out prompt agreement before: {base:.3f} (T=10, guidance {model.default_guidance})")
+    train(model, DigitCorrectness(), cfg, resume=args.resume, log=say)
+    after = dg.prompt_agreement(model, per_digit=args.eval_per_digit)  # every rank: ZeRO-3 forwards are collective
     seconds = time.perf_counter() - start
-    print(f"held-out prompt agreement after: {after:.3f} ({after - base:+.3f}) in {seconds:.0f} s; run in {cfg.out}")
-    with open(os.path.join(cfg.out, "summary.json"), "w") as fh:
-        json.dump({"agreement_before": base, "agreement_after": after, "seconds": seconds}, fh, indent=2)
+    say(f"held-out prompt agreement after: {after:.3f} ({after - base:+.3f}) in {seconds:.0f} s; run in {cfg.out}")
+    if main_rank:
+        with open(os.path.join(cfg.out, "summary.json"), "w") as fh:
+            json.dump({"agreement_before": base, "agreement_after": after, "seconds": seconds}, fh, indent=2)
     return 0
 
 
@@ -245,6 +249,8 @@ def cmd_eval(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tempflow", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"tempflow {__version__}")
+    # the deepspeed launcher passes --local_rank=N before the command (torchrun sets LOCAL_RANK instead)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="sample an analytic flow with the ODE and every SDE schedule")

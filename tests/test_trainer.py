@@ -113,3 +113,74 @@ def test_cli_settings(tmp_path, capsys):
     assert "unknown setting 'bogus'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="method must be"):
         TrainConfig(method="ddpo").validate()
+
+
+def _trained(tmp_path, name, **kw):
+    model = tiny_model()
+    train(model, DigitCorrectness(), tiny_config(tmp_path / name, iterations=2, **kw), log=lambda *_: None)
+    return model
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+    plain = _trained(tmp_path, "plain")
+    ckpt = _trained(tmp_path, "ckpt", grad_checkpointing=True)
+    assert ckpt.transformer.is_gradient_checkpointing
+    for a, b in zip(plain.trainable_parameters(), ckpt.trainable_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_weights_train_fp32_adapters(tmp_path):
+    model = _trained(tmp_path, "bf16", precision="bf16")
+    assert model.transformer.pos_embed.proj.weight.dtype == torch.bfloat16
+    params = list(model.trainable_parameters())
+    assert params and all(p.dtype == torch.float32 for p in params)
+    assert all(torch.isfinite(p).all() for p in params)
+    fp32 = _trained(tmp_path, "fp32")
+    moved = [not torch.equal(p, q) for p, q in zip(params, fp32.trainable_parameters(), strict=True)]
+    assert any(moved)  # a different run, but a close one: bf16 forwards, fp32 maths
+    rewards = [json.loads(line)["reward"] for line in open(tmp_path / "bf16" / "metrics.jsonl")]
+    assert rewards[0] == pytest.approx(json.loads(open(tmp_path / "fp32" / "metrics.jsonl").readline())["reward"],
+                                       abs=0.05)  # fmt: skip
+
+
+def test_full_fine_tuning_keeps_a_frozen_reference(tmp_path):
+    base = tiny_model()
+    x = torch.randn(3, *base.latent_shape)
+    cond = base.encode(["a 1", "a 2", "a 3"])
+    index = torch.arange(3)
+    with torch.no_grad():
+        v0 = base.velocity(x, 0.5, cond, index, 2.0)
+    model = _trained(tmp_path, "full", lora_rank=0, beta=0.5, lr=1e-3)
+    assert model.transformer.pos_embed.proj.weight.requires_grad
+    with torch.no_grad():
+        v1 = model.velocity(x, 0.5, cond, index, 2.0)
+        with model.reference():
+            v_ref = model.velocity(x, 0.5, cond, index, 2.0)
+        again = model.velocity(x, 0.5, cond, index, 2.0)
+    assert not torch.allclose(v1, v0)
+    torch.testing.assert_close(v_ref, v0)  # the frozen copy is the model before training
+    torch.testing.assert_close(again, v1)  # and the trained weights come back after the block
+    kls = [json.loads(line)["kl"] for line in open(tmp_path / "full" / "metrics.jsonl")]
+    assert kls[-1] > 0  # the KL term sees the drift from the reference
+
+
+def test_tensorboard_log(tmp_path):
+    pytest.importorskip("tensorboard")
+    _trained(tmp_path, "tb", tensorboard=True)
+    events = [f for f in os.listdir(tmp_path / "tb" / "tensorboard") if f.startswith("events.out")]
+    assert events and os.path.getsize(tmp_path / "tb" / "tensorboard" / events[0]) > 100
+
+
+def test_bad_settings_are_named():
+    for kw, match in [({"precision": "fp8"}, "precision must be"), ({"zero_stage": 1}, "zero_stage must be"),
+                      ({"group": "batch"}, "group must be"), ({"steps": 0}, "steps must be")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**kw).validate()
+    with pytest.raises(RuntimeError, match="zero_stage=2 or 3"):
+        from tempflow.train import distributed
+
+        os.environ["WORLD_SIZE"] = "2"
+        try:
+            distributed.start(None, [], None, 0, 1.0)
+        finally:
+            del os.environ["WORLD_SIZE"]

@@ -56,7 +56,8 @@ class FlowModel:
         raise NotImplementedError
 
     def trained_module(self) -> torch.nn.Module:
-        """The module whose parameters fine-tuning changes (its ``transformer`` for diffusers models)."""
+        """The module whose parameters fine-tuning changes: the denoiser (``transformer``); text encoders stay
+        frozen. It is also what DeepSpeed partitions."""
         raise NotImplementedError
 
     def trainable_parameters(self) -> Iterable[torch.nn.Parameter]:
@@ -79,17 +80,32 @@ class FlowModel:
         )
         self.lora = True
 
+    def keep_reference_copy(self) -> None:
+        """Full fine-tuning's KL reference: keep a frozen copy of the trained weights (call before training)."""
+        self._frozen = [p.detach().clone() for p in self.trained_module().parameters()]
+
     @contextmanager
     def reference(self):
-        """Within this block the model is its frozen base (LoRA adapters disabled): the KL reference of LoRA
-        fine-tuning, with no second copy of the weights."""
-        if not getattr(self, "lora", False):
-            raise RuntimeError("reference() needs LoRA (use_lora); full fine-tuning keeps a frozen copy instead")
-        self.transformer.disable_adapters()
+        """Within this block the model is its frozen base: LoRA adapters disabled (no second copy of the weights),
+        or, for full fine-tuning, the copy kept by :meth:`keep_reference_copy` swapped in."""
+        if getattr(self, "lora", False):
+            self.transformer.disable_adapters()
+            try:
+                yield self
+            finally:
+                self.transformer.enable_adapters()
+            return
+        frozen = getattr(self, "_frozen", None)
+        if frozen is None:
+            raise RuntimeError("reference() needs LoRA (use_lora) or, for full fine-tuning, keep_reference_copy()")
+        live = list(self.trained_module().parameters())
+        for p, f in zip(live, frozen, strict=True):
+            p.data, f.data = f.data, p.data
         try:
             yield self
         finally:
-            self.transformer.enable_adapters()
+            for p, f in zip(live, frozen, strict=True):
+                p.data, f.data = f.data, p.data
 
     def time_grid(self, num_steps: int, device=None) -> sde.TimeGrid:
         return sde.time_grid(num_steps, shift=self.shift, device=device)

@@ -131,6 +131,7 @@ class DigitsModel(FlowModel):
 
         save_weights(path, self.net.state_dict(), {"config": asdict(self.cfg), **meta})
 
+    @torch.no_grad()  # the text side is frozen in fine-tuning, as SD3's and FLUX's encoders are
     def encode(self, prompts: Sequence[str]) -> Conditioning:
         tokens = self.tokenizer(list(prompts)).to(self.device)
         hidden, pooled = self.net.text(tokens)
@@ -140,7 +141,9 @@ class DigitsModel(FlowModel):
         return Conditioning({"hidden": hidden, "pooled": pooled}, {"hidden": null_hidden, "pooled": null_pooled})
 
     def forward_velocity(self, x, t, cond):
-        return self.net(x, t, cond["hidden"], cond["pooled"])
+        dtype = self.net.transformer.dtype  # bf16 / fp16 weights: cast in, fp32 out
+        h, pooled = cond["hidden"].to(dtype), cond["pooled"].to(dtype)
+        return self.net(x.to(dtype), t.to(dtype), h, pooled).float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return ((latents.float() + 1) / 2).clamp(0, 1)
@@ -153,7 +156,7 @@ class DigitsModel(FlowModel):
         return self.net.transformer
 
     def trained_module(self):
-        return self.net
+        return self.net.transformer
 
 
 def pretrain(
