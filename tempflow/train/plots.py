@@ -74,3 +74,54 @@ def save_grid(images: torch.Tensor, columns: int, path: str, scale: int = 4, pad
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
+
+
+def band_chart(curves: dict[str, tuple[Sequence[float], Sequence[float], Sequence[float]]], path: str,
+               title: str = "", xlabel: str = "", size=(640, 400)) -> None:  # fmt: skip
+    """Write curves ``name -> (x, mean, std)`` as lines with a shaded mean +- std band (over seeds), atomically."""
+    w, h = size
+    left, right, top, bottom = 56, 16, 28, 40
+    ys = [m + s * d for _, ms, ss in curves.values() for m, s in zip(ms, ss, strict=True) for d in (-1, 1)]
+    xs = [x for xv, _, _ in curves.values() for x in xv]
+    if not ys:
+        raise ValueError("nothing to plot")
+    lo, hi = min(ys), max(ys)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    x0, x1 = min(xs), max(xs)
+    x1 = x1 if x1 > x0 else x0 + 1
+
+    def xy(x, v):
+        return (left + (w - left - right) * (x - x0) / (x1 - x0), top + (h - top - bottom) * (1 - (v - lo) / (hi - lo)))
+
+    img = Image.new("RGB", size, "white")
+    band = Image.new("RGBA", size, (0, 0, 0, 0))
+    draw, shade = ImageDraw.Draw(img), ImageDraw.Draw(band)
+    palette = COLORS + [(148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34)]
+    for c, (xv, ms, ss) in enumerate(curves.values()):
+        color = palette[c % len(palette)]
+        upper = [xy(x, m + s) for x, m, s in zip(xv, ms, ss, strict=True)]
+        lower = [xy(x, m - s) for x, m, s in zip(xv, ms, ss, strict=True)]
+        if len(upper) > 1:
+            shade.polygon(upper + lower[::-1], fill=(*color, 48))
+    img.paste(band, (0, 0), band)
+    draw.rectangle([left, top, w - right, h - bottom], outline=(0, 0, 0))
+    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+        _, y = xy(x0, lo + frac * (hi - lo))
+        draw.line([left - 4, y, left, y], fill=(0, 0, 0))
+        draw.text((4, y - 6), f"{lo + frac * (hi - lo):.3g}", fill=(0, 0, 0))
+        x, _ = xy(x0 + frac * (x1 - x0), lo)
+        draw.line([x, h - bottom, x, h - bottom + 4], fill=(0, 0, 0))
+        draw.text((x - 10, h - bottom + 6), f"{x0 + frac * (x1 - x0):.3g}", fill=(0, 0, 0))
+    draw.text((left, 6), title, fill=(0, 0, 0))
+    draw.text((w // 2 - 3 * len(xlabel), h - 14), xlabel, fill=(0, 0, 0))
+    for c, (name, (xv, ms, _)) in enumerate(curves.items()):
+        color = palette[c % len(palette)]
+        if len(xv) > 1:
+            draw.line([xy(x, m) for x, m in zip(xv, ms, strict=True)], fill=color, width=2)
+        for x, m in zip(xv, ms, strict=True):
+            px, py = xy(x, m)
+            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
+        draw.text((left + 8, top + 6 + 14 * c), name, fill=color)
+    img.save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)

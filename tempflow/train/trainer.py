@@ -47,6 +47,7 @@ class TrainConfig:
     )
     weighting: bool = _f(True, "noise-aware weighting of the policy term (tempflow)")
     noise_level: float = _f(0.7, "SDE noise level a")
+    schedule: str = _f("flow-grpo", "SDE noise schedule: flow-grpo | cps | dance (ALGORITHM.md section 1)")
     guidance: float = _f(2.0, "classifier-free guidance in sampling and training")
     clip_eps: float = _f(1e-3, "PPO clip range of the ratio (log-probs are averaged, so it is small)")
     beta: float = _f(0.0, "weight of the exact KL to the LoRA-disabled base model")
@@ -77,6 +78,8 @@ class TrainConfig:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.zero_stage not in (-1, 0, 2, 3):
             raise ValueError(f"zero_stage must be -1 (auto), 0, 2 or 3, got {self.zero_stage}")
+        if self.schedule not in sde.SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(sde.SCHEDULES)}, got {self.schedule!r}")
         if self.group not in ("seed", "prompt", "global"):
             raise ValueError(f"group must be seed, prompt or global, got {self.group!r}")
 
@@ -201,7 +204,7 @@ def train(model, reward_fn, cfg: TrainConfig, resume: bool = False, log=print, e
     ema = [rt.local(p).detach().float().clone() for p in params] if cfg.ema > 0 else None
     plan = plan_for(cfg)
     grid = model.time_grid(cfg.steps)
-    table = sde.sde_table(grid, "flow-grpo", cfg.noise_level)
+    table = sde.sde_table(grid, cfg.schedule, cfg.noise_level)
     weights = sde.noise_aware_weights(table, plan.sde_steps) if cfg.weighting else torch.ones(cfg.steps)
     ckpt = os.path.join(cfg.out, "checkpoint.pt")
     start_iter = 0
@@ -215,7 +218,8 @@ def train(model, reward_fn, cfg: TrainConfig, resume: bool = False, log=print, e
         prompts, ids = prompts_for(it, cfg)
         mine = slice(rt.rank, None, rt.world)  # whole prompts per rank
         rcfg = RolloutConfig(plan=plan, seeds_per_prompt=cfg.seeds_per_prompt, guidance=cfg.guidance,
-                             noise_level=cfg.noise_level, seed=cfg.seed, max_batch=cfg.max_batch)  # fmt: skip
+                             noise_level=cfg.noise_level, schedule=cfg.schedule, seed=cfg.seed,
+                             max_batch=cfg.max_batch)  # fmt: skip
         batch = rollout(model, prompts[mine], reward_fn, rcfg, prompt_ids=ids[mine])
         t1 = time.perf_counter()
         adv = advantages(batch, cfg, rt)
