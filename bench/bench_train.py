@@ -46,12 +46,15 @@ VARIANTS = {
     "schedule dance (a 0.3)": dict(TEMPFLOW, schedule="dance", noise_level=0.3),
     "shape 2x12": dict(TEMPFLOW, seeds_per_prompt=2, branches=12),
     "shape 6x4": dict(TEMPFLOW, seeds_per_prompt=6, branches=4),
+    # a probe, not in the paper: as many optimizer steps per iteration as Flow-GRPO makes (432 states / 36)
+    "tempflow, 12 updates/iteration": dict(TEMPFLOW, states_per_step=6),
 }
 GROUPS = {
     "main": ["tempflow", "flow-grpo (global std)", "flow-grpo (prompt std)"],
     "ablation": ["branching", "branching + weighting", "tempflow"],
     "schedule": ["tempflow", "schedule cps (a 0.7)", "schedule dance (a 0.3)"],
     "shape": ["shape 2x12", "tempflow", "shape 6x4"],
+    "updates": ["tempflow", "tempflow, 12 updates/iteration", "flow-grpo (global std)"],
 }
 EVAL_SEED = 987_654  # noise streams no training run draws (runs use seeds 0, 1, 2)
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -319,11 +322,20 @@ def curves(records, names, x: str, y: str):
 
 
 def at_seconds(records, name: str, limit: float, key: str):
-    """Per seed: the last evaluation of ``name`` reached within ``limit`` training seconds."""
+    """Per seed: ``key`` of ``name`` at ``limit`` training seconds, interpolated linearly between the evaluations
+    around it (the last one if the run ended sooner)."""
     values = []
     for seed in sorted({r["seed"] for r in records if r["name"] == name}):
-        rows = [r for r in records if r["name"] == name and r["seed"] == seed and r["seconds"] <= limit + 1e-9]
-        values.append(max(rows, key=lambda r: r["seconds"])[key])
+        rows = sorted((r for r in records if r["name"] == name and r["seed"] == seed), key=lambda r: r["seconds"])
+        before = [r for r in rows if r["seconds"] <= limit]
+        after = [r for r in rows if r["seconds"] > limit]
+        a = before[-1]
+        if not after:
+            values.append(a[key])
+            continue
+        b = after[0]
+        w = (limit - a["seconds"]) / (b["seconds"] - a["seconds"])
+        values.append(a[key] + w * (b[key] - a[key]))
     return _mean_std(values)
 
 
@@ -400,6 +412,46 @@ def summarize(records, speed, out_png: str, note: str) -> str:
     return "\n".join(lines)
 
 
+def write_summary(records, speed, out: str, note: str) -> str:
+    table = summarize(records, speed, out, note)
+    with open(os.path.join(out, "study_table.md"), "w") as fh:
+        fh.write(table + "\n")
+    print(table)
+    return table
+
+
+def resummarize(out: str) -> int:
+    """Redraw from study.jsonl: every block run at the last block's budget, the latest record of each (run, seed,
+    evaluation point) winning, so ``--variants`` can add runs to a study."""
+    blocks, current = [], None
+    for line in open(os.path.join(out, "study.jsonl")):
+        r = json.loads(line)
+        if "header" in r:
+            current = (r, [])
+            blocks.append(current)
+        elif current is not None:
+            current[1].append(r)
+    last = blocks[-1][0]
+    same = [
+        (h, recs)
+        for h, recs in blocks
+        if (h["budget_calls"], h.get("per_digit")) == (last["budget_calls"], last.get("per_digit"))
+    ]
+    merged = {}
+    for _, recs in same:
+        for r in recs:
+            merged[(r["name"], r["seed"], r["fraction"])] = r
+    records = list(merged.values())
+    seeds = len({r["seed"] for r in records})
+    note = (
+        f"{seeds} seed(s) per run; budget {last['budget_calls']} model calls (= {last['budget_iterations']:g} "
+        f"TempFlow iterations); held-out {10 * last['per_digit']} samples per evaluation; study wall time "
+        f"{sum(h['total_s'] for h, _ in same) / 60:.1f} min ({len(same)} invocation(s))."
+    )
+    write_summary(records, last["speedups"], out, note)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="the main runs, one seed, a tiny budget (CI)")
@@ -409,7 +461,10 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--variants", default="all", help="comma-separated names, or all")
     ap.add_argument("--out", default=RESULTS, help="folder for study.jsonl, study_*.png, study_table.md")
+    ap.add_argument("--summarize", action="store_true", help="redraw the table and plots from study.jsonl's last run")
     args = ap.parse_args(argv)
+    if args.summarize:
+        return resummarize(args.out)
     names = list(VARIANTS) if args.variants == "all" else [n.strip() for n in args.variants.split(",")]
     if args.quick:
         args.seeds, args.budget, args.per_digit, names = 1, 0.5, 2, GROUPS["main"]
@@ -450,7 +505,15 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "study.jsonl"), "a") as fh:
         fh.write(
             json.dumps(
-                {"header": header(), "argv": sys.argv[1:], "budget_calls": budget, "total_s": total, "speedups": speed}
+                {
+                    "header": header(),
+                    "argv": sys.argv[1:],
+                    "budget_calls": budget,
+                    "budget_iterations": args.budget,
+                    "per_digit": args.per_digit,
+                    "total_s": total,
+                    "speedups": speed,
+                }
             )
             + "\n"
         )
@@ -460,10 +523,7 @@ def main(argv=None) -> int:
         f"{args.seeds} seed(s) per run; budget {budget} model calls (= {args.budget:g} TempFlow iterations); "
         f"held-out {10 * args.per_digit} samples per evaluation; study wall time {total / 60:.1f} min."
     )
-    table = summarize(records, speed, args.out, note)
-    with open(os.path.join(args.out, "study_table.md"), "w") as fh:
-        fh.write(table + "\n")
-    print(table)
+    write_summary(records, speed, args.out, note)
     return 0
 
 

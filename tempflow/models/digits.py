@@ -10,6 +10,7 @@ weights on the same number of threads (2).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -214,13 +215,19 @@ def pretrain(
         torch.set_num_threads(previous)
 
 
+@functools.lru_cache(maxsize=1)
+def _shipped_classifier():
+    """The shipped classifier, loaded once per process (evaluation runs many times in a training run)."""
+    from ..rewards.digits import load_classifier
+
+    return load_classifier()
+
+
 @torch.no_grad()
 def prompt_agreement(model: DigitsModel, steps: int = 10, guidance: float | None = None, per_digit: int = 50,
                      seed: int = 1) -> float:  # fmt: skip
     """Fraction of ODE samples for "a handwritten d" (d = 0..9) that the shipped classifier reads as d."""
-    from ..rewards.digits import load_classifier
-
     digits = torch.arange(10).repeat_interleave(per_digit)
     images = model.decode(sample(model, [prompt_for(int(d)) for d in digits], steps, guidance, seed))
-    pred = load_classifier()(images).argmax(1)
+    pred = _shipped_classifier()(images).argmax(1)
     return (pred == digits).float().mean().item()

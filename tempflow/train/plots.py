@@ -112,7 +112,8 @@ def band_chart(curves: dict[str, tuple[Sequence[float], Sequence[float], Sequenc
         draw.text((4, y - 6), f"{lo + frac * (hi - lo):.3g}", fill=(0, 0, 0))
         x, _ = xy(x0 + frac * (x1 - x0), lo)
         draw.line([x, h - bottom, x, h - bottom + 4], fill=(0, 0, 0))
-        draw.text((x - 10, h - bottom + 6), f"{x0 + frac * (x1 - x0):.3g}", fill=(0, 0, 0))
+        label = f"{x0 + frac * (x1 - x0):.3g}"
+        draw.text((x - (6 * len(label) if frac == 1.0 else 10), h - bottom + 6), label, fill=(0, 0, 0))
     draw.text((left, 6), title, fill=(0, 0, 0))
     draw.text((w // 2 - 3 * len(xlabel), h - 14), xlabel, fill=(0, 0, 0))
     for c, (name, (xv, ms, _)) in enumerate(curves.items()):

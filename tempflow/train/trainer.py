@@ -212,7 +212,7 @@ def train(model, reward_fn, cfg: TrainConfig, resume: bool = False, log=print, e
         start_iter, ema = _load_checkpoint(ckpt, rt, params, opt, ema)
         log(f"resumed from {ckpt} at iteration {start_iter}")
     metrics_log = MetricsLog(cfg, rt.is_main)
-    metrics = {}
+    metrics, spent = {}, 0.0
     for it in range(start_iter, cfg.iterations):
         t0 = time.perf_counter()
         prompts, ids = prompts_for(it, cfg)
@@ -242,7 +242,10 @@ def train(model, reward_fn, cfg: TrainConfig, resume: bool = False, log=print, e
             "train_s": t2 - t1,
         }
         metrics_log.write(metrics)
-        log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        spent += t2 - t0
+        left = spent / (it + 1 - start_iter) * (cfg.iterations - it - 1)
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "iteration")
+        log(f"[{it + 1}/{cfg.iterations} eta {left:.0f}s] {shown}")
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
             _save_checkpoint(ckpt, rt, params, opt, ema, it + 1, cfg)
             _report(model, cfg, metrics_log.path, rt)
