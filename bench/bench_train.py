@@ -47,14 +47,14 @@ VARIANTS = {
     "shape 2x12": dict(TEMPFLOW, seeds_per_prompt=2, branches=12),
     "shape 6x4": dict(TEMPFLOW, seeds_per_prompt=6, branches=4),
     # a probe, not in the paper: as many optimizer steps per iteration as Flow-GRPO makes (432 states / 36)
-    "tempflow, 12 updates/iteration": dict(TEMPFLOW, states_per_step=6),
+    "tempflow 12 updates/iteration": dict(TEMPFLOW, states_per_step=6),
 }
 GROUPS = {
     "main": ["tempflow", "flow-grpo (global std)", "flow-grpo (prompt std)"],
     "ablation": ["branching", "branching + weighting", "tempflow"],
     "schedule": ["tempflow", "schedule cps (a 0.7)", "schedule dance (a 0.3)"],
     "shape": ["shape 2x12", "tempflow", "shape 6x4"],
-    "updates": ["tempflow", "tempflow, 12 updates/iteration", "flow-grpo (global std)"],
+    "updates": ["tempflow", "tempflow 12 updates/iteration", "flow-grpo (global std)"],
 }
 EVAL_SEED = 987_654  # noise streams no training run draws (runs use seeds 0, 1, 2)
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -459,7 +459,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=24, help="model calls of this many TempFlow iterations")
     ap.add_argument("--per-digit", type=int, default=15, help="held-out samples per digit at each evaluation")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--variants", default="all", help="comma-separated names, or all")
+    ap.add_argument("--variants", default="all", help="names separated by commas, or all")
     ap.add_argument("--out", default=RESULTS, help="folder for study.jsonl, study_*.png, study_table.md")
     ap.add_argument("--summarize", action="store_true", help="redraw the table and plots from study.jsonl's last run")
     args = ap.parse_args(argv)
