@@ -55,7 +55,11 @@ class TrainConfig:
     lora_rank: int = _f(16, "LoRA rank (0: full fine-tuning)")
     lora_alpha: int = _f(32, "LoRA alpha")
     grad_clip: float = _f(1.0, "gradient norm clip")
-    states_per_step: int = _f(36, "trained (seed, step) states per optimizer step")
+    states_per_step: int = _f(
+        6,
+        "trained (seed, step) states per optimizer step (6: 12 updates per default "
+        "iteration; 36, 2 updates, learned slower in bench/bench_train.py)",
+    )
     ema: float = _f(0.9, "EMA decay of the trainable weights (0 disables)")
     max_batch: int = _f(32, "rollout engine's maximum batch per model call")
     seed: int = _f(0, "run seed (noise streams, prompt order)")
