@@ -65,7 +65,7 @@ KILLED_RUN = textwrap.dedent("""
     calls = []
     def dying_reward(images, prompts, metadata):
         calls.append(1)
-        if len(calls) == 3:  # in the middle of the third iteration's rollout, after the checkpoint of iteration 2
+        if len(calls) == 4:  # in the 4th iteration's rollout: checkpoint of iteration 2, metrics up to 3
             os._exit(17)
         return reward(images, prompts, metadata)
     dying_reward.name = "digit-correctness"
@@ -78,9 +78,10 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     killed = tmp_path / "killed"
     done = subprocess.run([sys.executable, "-c", KILLED_RUN.format(root=root, out=str(killed))], cwd=root)
     assert done.returncode == 17
-    assert json.loads(open(killed / "metrics.jsonl").read().splitlines()[-1])["iteration"] == 2
+    assert json.loads(open(killed / "metrics.jsonl").read().splitlines()[-1])["iteration"] == 3
     resumed = tiny_model()
     train(resumed, DigitCorrectness(), tiny_config(killed, max_batch=1000), resume=True, log=lambda *_: None)
+    assert [json.loads(line)["iteration"] for line in open(killed / "metrics.jsonl")] == [1, 2, 3, 4]
     straight = tiny_model()
     train(straight, DigitCorrectness(), tiny_config(tmp_path / "straight", max_batch=1000), log=lambda *_: None)
     for a, b in zip(resumed.trainable_parameters(), straight.trainable_parameters(), strict=True):

@@ -153,11 +153,19 @@ def prepare(model, cfg: TrainConfig) -> None:
 class MetricsLog:
     """metrics.jsonl, plus TensorBoard and wandb when asked; only the main rank writes."""
 
-    def __init__(self, cfg: TrainConfig, active: bool):
+    def __init__(self, cfg: TrainConfig, active: bool, start_iteration: int = 0):
         self.path = os.path.join(cfg.out, "metrics.jsonl")
         self.active, self.tb, self.wandb = active, None, None
         if not active:
             return
+        # keep the lines up to the checkpoint being resumed from (a crash after writing a line but before the next
+        # checkpoint would otherwise leave it twice); a fresh run starts a fresh file
+        kept = []
+        if start_iteration and os.path.exists(self.path):
+            kept = [line for line in open(self.path) if json.loads(line)["iteration"] <= start_iteration]
+        with open(self.path + ".tmp", "w") as fh:
+            fh.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -215,7 +223,7 @@ def train(model, reward_fn, cfg: TrainConfig, resume: bool = False, log=print, e
     if resume and os.path.exists(ckpt):
         start_iter, ema = _load_checkpoint(ckpt, rt, params, opt, ema)
         log(f"resumed from {ckpt} at iteration {start_iter}")
-    metrics_log = MetricsLog(cfg, rt.is_main)
+    metrics_log = MetricsLog(cfg, rt.is_main, start_iter)
     metrics, spent = {}, 0.0
     for it in range(start_iter, cfg.iterations):
         t0 = time.perf_counter()
