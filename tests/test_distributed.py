@@ -25,12 +25,15 @@ RANK_SCRIPT = textwrap.dedent("""
     from tests.test_trainer import tiny_config, tiny_model
     from tempflow.rewards import DigitCorrectness
     from tempflow.train.trainer import train
-    reward = DigitCorrectness()
+    reward = scorer = DigitCorrectness()
+    if os.environ.get("FLAT_REWARD_RANK") == os.environ["RANK"]:  # this rank's groups carry no signal at all
+        reward = lambda images, prompts, metadata: torch.full((len(images),), 0.5)
+        reward.name = "flat"
     model = tiny_model()
     train(model, reward, tiny_config({out!r}, **{settings!r}), resume={resume!r}, log=lambda *_: None)
     # the reward model was never handed to DeepSpeed: full weights on every rank, not ZeRO-3 partitions
-    checks = {{"reward_partitioned": any(hasattr(p, "ds_id") for p in reward.model.parameters()),
-              "reward_numel": sum(p.numel() for p in reward.model.parameters()),
+    checks = {{"reward_partitioned": any(hasattr(p, "ds_id") for p in scorer.model.parameters()),
+              "reward_numel": sum(p.numel() for p in scorer.model.parameters()),
               "model_partitioned": all(hasattr(p, "ds_id") for p in model.trainable_parameters())}}
     with open(os.path.join({out!r}, f"rank{{os.environ['RANK']}}.json"), "w") as fh:
         json.dump(checks, fh)
@@ -43,12 +46,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out, settings: dict, resume=False, nproc=2) -> subprocess.CompletedProcess:
+def launch(out, settings: dict, resume=False, nproc=2, **env) -> subprocess.CompletedProcess:
     script = out.parent / f"{out.name}_rank.py"
     script.write_text(RANK_SCRIPT.format(root=ROOT, out=str(out), settings=settings, resume=resume))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_free_port()}",
            str(script)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **env}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -100,3 +103,12 @@ def test_zero3_resume_continues_exactly(tmp_path):
     b = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
     for x, y in zip(a["params"] + a["ema"], b["params"] + b["ema"], strict=True):
         assert torch.equal(x, y)
+
+
+@pytest.mark.slow
+def test_a_rank_with_nothing_to_train_keeps_step_with_the_others(tmp_path):
+    """Rank 1's rewards are all equal, so it has no state to train; it must still join every collective forward."""
+    done = launch(tmp_path / "flat", {**ZERO3, "iterations": 2}, FLAT_REWARD_RANK="1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    both = metrics(tmp_path / "flat")
+    assert len(both) == 2 and all(m["trained_states"] > 0 for m in both)  # rank 0's states only

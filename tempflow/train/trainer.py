@@ -309,14 +309,12 @@ def _update(model, batch, adv, plan, table, weights, cfg, opt, params, rt, itera
         chunk = order[lo : lo + cfg.states_per_step]
         local = torch.nonzero(torch.isin(keys, chunk)).flatten()
         local = local[keys[local].argsort()]
-        # every rank makes the same calls (ZeRO-3 gathers weights collectively): one with nothing here trains a
-        # zero-weighted copy of some state of its own
         share = len(local) / len(chunk)
-        if len(local) == 0:
-            local = torch.zeros(1, dtype=torch.long) if len(first) else None
-        if local is None:
-            raise RuntimeError("a rank has no rows; give every rank prompts (prompts_per_iteration)")
-        r, s = rows[local], first[local]
+        if len(local):
+            r, s = rows[local], first[local]
+        else:  # every rank makes the same calls (ZeRO-3 gathers weights collectively): one with no state in this
+            # step, or none with signal at all, trains a zero-weighted copy of its batch's first state (rows 0..K-1)
+            r, s = torch.arange(K).view(1, K), torch.zeros(1, dtype=torch.long)
         x, step = batch.state[s], batch.step[s]
         v = model.velocity(x, table.t[step], cond, batch.prompt_index[s], cfg.guidance).float()
         v_ref = None
