@@ -168,12 +168,9 @@ def run(job: dict) -> list[dict]:
     records = [dict(job["base"], diversity=1.0, name=name, seed=seed, fraction=0.0, calls=0, seconds=0.0, iteration=0)]
     split = {"sampling_s": 0.0, "reward_s": 0.0, "training_s": 0.0}
     marks = list(FRACTIONS)
-    seconds = 0.0
 
     def after_iteration(m, iteration):
-        nonlocal seconds
         last = json.loads(open(os.path.join(folder, "metrics.jsonl")).read().splitlines()[-1])
-        seconds += last["rollout_s"] + last["train_s"]
         split["reward_s"] += timing["reward_s"]
         split["sampling_s"] += last["rollout_s"] - timing["reward_s"]
         split["training_s"] += last["train_s"]
@@ -193,7 +190,7 @@ def run(job: dict) -> list[dict]:
                     seed=seed,
                     fraction=marks.pop(0),
                     calls=counter.calls,
-                    seconds=seconds,
+                    seconds=sum(split.values()),  # rollout + training
                     iteration=iteration,
                     **per_it,
                 )

@@ -52,13 +52,19 @@ class Runtime:
         dist.all_reduce(t)
         return float(t.item())
 
+    def all_gather(self, obj) -> list:
+        """Every rank's ``obj`` (small, picklable: e.g. a tuple of CPU tensors), in rank order."""
+        if self.world == 1:
+            return [obj]
+        parts = [None] * self.world
+        dist.all_gather_object(parts, obj)
+        return parts
+
     def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's 1-D ``t`` (sizes may differ) in rank order."""
         if self.world == 1:
             return t
-        parts = [None] * self.world
-        dist.all_gather_object(parts, t.cpu())
-        return torch.cat(parts).to(t.device)
+        return torch.cat(self.all_gather(t.cpu())).to(t.device)
 
     # ---- parameters ----
     def local(self, p: torch.nn.Parameter) -> torch.Tensor:

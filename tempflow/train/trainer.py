@@ -208,7 +208,7 @@ def train(model, reward_fn, cfg: TrainConfig, resume: bool = False, log=print, e
                          "ranks (prompts are sharded whole; every rank must make the same model calls)")  # fmt: skip
     if not rt.is_main:
         log = _quiet
-    if rt.is_main:
+    else:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as fh:
             json.dump(asdict(cfg), fh, indent=2)
@@ -275,14 +275,15 @@ def advantages(batch, cfg: TrainConfig, rt: distributed.Runtime | None = None) -
     this rank's rows. Only the four small columns travel, not the latents."""
     rt = rt or distributed.Runtime()
     names = ("prompt_id", "seed_index", "step", "reward")
-    full = SimpleNamespace(**{n: rt.all_gather_cat(getattr(batch, n)) for n in names})
+    cols = tuple(getattr(batch, n) for n in names)
+    parts = rt.all_gather(cols if rt.world == 1 else tuple(c.cpu() for c in cols))  # one collective for all four
+    full = SimpleNamespace(**{n: torch.cat([p[i] for p in parts]) for i, n in enumerate(names)})
     if cfg.method == "tempflow":
         adv = tempflow_advantages(full, cfg.group)
     else:
         adv = flow_grpo_advantages(full, "prompt" if cfg.group == "prompt" else "global")
-    sizes = rt.all_gather_cat(torch.tensor([len(batch)]))
-    lo = int(sizes[: rt.rank].sum())
-    return adv[lo : lo + len(batch)]
+    lo = sum(len(p[0]) for p in parts[: rt.rank])
+    return adv[lo : lo + len(batch)].to(batch.reward.device)
 
 
 def training_order(batch, first: torch.Tensor, iteration: int, seed: int) -> torch.Tensor:
@@ -325,11 +326,13 @@ def _update(model, batch, adv, plan, table, weights, cfg, opt, params, rt, itera
                                     weights[step], cfg.clip_eps, cfg.beta, v_ref)  # fmt: skip
         # DeepSpeed averages gradients over ranks: scaling by share * world makes that the mean over the chunk
         rt.backward_step(loss * (share * rt.world), opt, params, cfg.grad_clip)
-        loss_sum += rt.all_sum(loss.item() * share) * len(chunk) / n_states
+        # this rank's part of the chunk's mean, weighted by the chunk's size; summed over ranks once at the end
+        loss_sum += loss.item() * share * len(chunk)
         if v_ref is not None:
-            kl = sde.kl_from_velocity(v.detach(), v_ref, step, table).mean().item()
-            kl_sum += rt.all_sum(kl * share) * len(chunk) / n_states
-    return loss_sum, kl_sum, n_states
+            kl_sum += sde.kl_from_velocity(v.detach(), v_ref, step, table).mean().item() * share * len(chunk)
+    if n_states == 0:
+        return 0.0, 0.0, 0
+    return rt.all_sum(loss_sum) / n_states, rt.all_sum(kl_sum) / n_states, n_states
 
 
 def _save_checkpoint(path, rt, params, opt, ema, iteration, cfg) -> None:
@@ -349,17 +352,13 @@ def _save_checkpoint(path, rt, params, opt, ema, iteration, cfg) -> None:
         rt.barrier()
         state["deepspeed_tag"] = tag
     if rt.is_main:
-        previous = _deepspeed_tag(path)
         atomic_torch_save(state, path)
-        if previous and previous != state.get("deepspeed_tag"):
-            shutil.rmtree(os.path.join(os.path.dirname(path), "deepspeed", previous), ignore_errors=True)
+        if rt.engine is not None:  # partitions no checkpoint.pt names any more (also those of an earlier crash)
+            folder = os.path.join(os.path.dirname(path), "deepspeed")
+            for name in os.listdir(folder):
+                if name.startswith("iteration") and name != state["deepspeed_tag"]:
+                    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
     rt.barrier()
-
-
-def _deepspeed_tag(path):
-    if not os.path.exists(path):
-        return None
-    return torch.load(path, weights_only=False).get("deepspeed_tag")
 
 
 def _load_checkpoint(path, rt, params, opt, ema):
