@@ -1,7 +1,5 @@
-"""One adapter test suite for every model: tiny SD3 and FLUX pipelines built offline from configs with random
-weights (and tokenizers made here), and the embedded digits model."""
-
-import json
+"""One adapter test suite for every model: the tiny random-weight SD3 and FLUX pipelines of tempflow.models.tiny
+(built offline), and the embedded digits model."""
 
 import pytest
 import torch
@@ -12,80 +10,13 @@ transformers = pytest.importorskip("transformers")
 from tempflow import sde  # noqa: E402
 from tempflow.models import digits as dg  # noqa: E402
 from tempflow.models.diffusers_models import FluxModel, SD3Model, set_attention  # noqa: E402
-
-LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
-
-
-def clip_tokenizer(root):
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for tok in LETTERS + [t + "</w>" for t in LETTERS]:
-        vocab[tok] = len(vocab)
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\n")
-    tok = transformers.CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=77)
-    return tok, len(vocab)
-
-
-def t5_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *[(c, -1.0) for c in LETTERS]]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2))  # a Unigram model, as T5's, so that it saves and reloads
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return transformers.T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                        extra_ids=0, model_max_length=512), len(vocab)  # fmt: skip
-
-
-def clip_encoder(vocab, projection=True, hidden=16, proj=8):
-    cfg = transformers.CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=77, projection_dim=proj,
-                                      eos_token_id=1, bos_token_id=0, pad_token_id=1)  # fmt: skip
-    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
-    return cls(cfg)
-
-
-def tiny_vae(latent_channels):
-    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,), layers_per_block=1,
-                                   latent_channels=latent_channels, norm_num_groups=1, sample_size=16,
-                                   use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06,
-                                   scaling_factor=1.5)  # fmt: skip
-
-
-def sd3_pipeline(tmp_path):
-    torch.manual_seed(0)
-    tok, n = clip_tokenizer(tmp_path)
-    transformer = diffusers.SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4,
-                                                  num_layers=1, attention_head_dim=8, num_attention_heads=2,
-                                                  joint_attention_dim=32, caption_projection_dim=16,
-                                                  pooled_projection_dim=16, pos_embed_max_size=16)  # fmt: skip
-    return diffusers.StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(4),
-        text_encoder=clip_encoder(n), tokenizer=tok, text_encoder_2=clip_encoder(n), tokenizer_2=tok,
-        text_encoder_3=None, tokenizer_3=None,
-    )  # fmt: skip
-
-
-def flux_pipeline(tmp_path):
-    torch.manual_seed(0)
-    tok, n = clip_tokenizer(tmp_path)
-    t5_tok, n5 = t5_tokenizer()
-    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=n5, d_model=16, d_kv=8, d_ff=32, num_layers=1,
-                                                           num_heads=2, pad_token_id=0, eos_token_id=1))  # fmt: skip
-    transformer = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                                   attention_head_dim=16, num_attention_heads=2,
-                                                   joint_attention_dim=16, pooled_projection_dim=16,
-                                                   axes_dims_rope=[4, 4, 8], guidance_embeds=True)  # fmt: skip
-    return diffusers.FluxPipeline(
-        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
-        vae=tiny_vae(4), text_encoder=clip_encoder(n, projection=False, hidden=16), tokenizer=tok,
-        text_encoder_2=t5, tokenizer_2=t5_tok,
-    )  # fmt: skip
+from tempflow.models.tiny import flux_pipeline, sd3_pipeline  # noqa: E402
 
 
 @pytest.fixture(params=["sd3", "flux", "digits"])
 def adapter(request, tmp_path):
     if request.param == "sd3":
-        return SD3Model.from_pipeline(sd3_pipeline(tmp_path), height=32, width=32)
+        return SD3Model.from_pipeline(sd3_pipeline(tmp_path, t5=False), height=32, width=32)
     if request.param == "flux":
         pipe = flux_pipeline(tmp_path)
         pipe.tokenizer_2.model_max_length = 16

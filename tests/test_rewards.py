@@ -96,28 +96,10 @@ def test_weighted_sum_and_bad_rewards_are_named():
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A random-weight CLIPModel and processor saved to a local folder, as a user's downloaded copy would be."""
-    transformers = pytest.importorskip("transformers")
-    root = tmp_path_factory.mktemp("clip")
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for tok in letters + [t + "</w>" for t in letters]:
-        vocab[tok] = len(vocab)
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = transformers.CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"))
-    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(root)
-    config = transformers.CLIPConfig(
-        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": 77, "eos_token_id": 1, "bos_token_id": 0,
-                     "pad_token_id": 1},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.CLIPModel(config).save_pretrained(root)
-    return root
+    pytest.importorskip("transformers")
+    from tempflow.models.tiny import save_tiny
+
+    return save_tiny("clip", str(tmp_path_factory.mktemp("clip") / "clip"))
 
 
 def test_pickscore_from_a_local_folder(tiny_clip):

@@ -1,0 +1,241 @@
+"""Tiny random-weight models of the real architectures, built offline in a second: SD3 / SD3.5 and FLUX.1-dev
+diffusers pipelines, and a transformers CLIP model (what the PickScore and Aesthetic rewards load).
+
+They are for trying tempflow's diffusers code paths on a machine without a GPU, without downloading gigabytes from a
+model hub (nothing here touches the network), and for tests. The architectures, configs, tokenizers and folder
+layouts are the real ones; the sizes are not (one layer, widths of 8 to 32), so a forward takes milliseconds. The
+weights are random: the images they make are noise and their rewards mean nothing.
+
+Write one to a folder with::
+
+    tempflow tiny-model sd3|flux|clip FOLDER        # or: python -m tempflow.models.tiny sd3|flux|clip FOLDER
+
+and use the folder wherever tempflow takes a local model folder, e.g. ``tempflow sample --model FOLDER --size 16``
+(``tempflow.models.load_model(FOLDER, height=.., width=..)``) or ``tempflow.rewards.PickScore(FOLDER)``. The tiny VAE
+does not downsample, so latents are as large as the images: SD3 takes images up to 32x32 (a 16-patch position
+embedding of 2x2 patches), FLUX any size that is a multiple of 2 (16x16 keeps it fast).
+
+In Python, :func:`sd3_pipeline` and :func:`flux_pipeline` return the pipelines in memory and :func:`save_tiny` writes
+a folder. The same seed gives the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    import diffusers
+
+__all__ = ["KINDS", "sd3_pipeline", "flux_pipeline", "save_tiny", "main"]
+
+KINDS = ("sd3", "flux", "clip")
+
+LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError("tiny models need transformers: pip install transformers (or tempflow[diffusers])") from exc
+    return transformers
+
+
+def clip_tokenizer(root, model_max_length: int = 77):
+    """A CLIP BPE tokenizer of single letters and digits (no merges); its ``vocab.json`` and ``merges.txt`` are
+    written under ``root``. Returns ``(tokenizer, vocab_size)``."""
+    transformers = _transformers()
+    os.makedirs(root, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for tok in LETTERS + [t + "</w>" for t in LETTERS]:
+        vocab[tok] = len(vocab)
+    vocab_file, merges_file = os.path.join(root, "vocab.json"), os.path.join(root, "merges.txt")
+    with open(vocab_file, "w") as fh:
+        json.dump(vocab, fh)
+    with open(merges_file, "w") as fh:
+        fh.write("#version: 0.2\n")
+    tok = transformers.CLIPTokenizer(vocab_file, merges_file, model_max_length=model_max_length)
+    return tok, len(vocab)
+
+
+def t5_tokenizer():
+    """A T5 tokenizer of single letters and digits and the word start ``▁``. Returns ``(tokenizer, vocab_size)``.
+
+    A Unigram model with T5's own pre-tokenizer and decoder (whitespace split, then ``▁`` before every word), so that
+    it saves and reloads the same: transformers 5's ``T5Tokenizer`` keeps only the vocabulary of a saved
+    ``tokenizer.json`` and rebuilds that pipeline around it."""
+    transformers = _transformers()
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    space = "\u2581"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), (space, -2.0), *[(c, -1.0) for c in LETTERS]]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    metaspace = {"replacement": space, "prepend_scheme": "always", "split": True}
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(**metaspace)]
+    )
+    tok.decoder = decoders.Metaspace(**metaspace)
+    return transformers.T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                        extra_ids=0, model_max_length=512), len(vocab)  # fmt: skip
+
+
+def clip_encoder(vocab, projection=True, hidden=16, proj=8):
+    """A one-layer CLIP text encoder (with its projection, as SD3's two; without, as FLUX's)."""
+    transformers = _transformers()
+    cfg = transformers.CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=77, projection_dim=proj,
+                                      eos_token_id=1, bos_token_id=0, pad_token_id=1)  # fmt: skip
+    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+    return cls(cfg)
+
+
+def t5_encoder(vocab, d_model):
+    """A one-layer T5 encoder whose width ``d_model`` is the transformer's ``joint_attention_dim``."""
+    transformers = _transformers()
+    return transformers.T5EncoderModel(transformers.T5Config(vocab_size=vocab, d_model=d_model, d_kv=8, d_ff=32,
+                                                             num_layers=1, num_heads=2, pad_token_id=0,
+                                                             eos_token_id=1))  # fmt: skip
+
+
+def tiny_vae(latent_channels):
+    """A one-block AutoencoderKL: no downsampling, latents as large as the images."""
+    import diffusers
+
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,), layers_per_block=1,
+                                   latent_channels=latent_channels, norm_num_groups=1, sample_size=16,
+                                   use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06,
+                                   scaling_factor=1.5)  # fmt: skip
+
+
+def _eval(pipe):
+    """Every module in eval mode, as ``from_pretrained`` gives them (T5's dropout would make prompts random)."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
+
+
+def sd3_pipeline(workdir, t5: bool = True, seed: int = 0) -> diffusers.StableDiffusion3Pipeline:
+    """A random-weight SD3 pipeline: two CLIP text encoders, with ``t5`` also the T5 encoder (as SD3.5 has; without
+    it ``text_encoder_3`` and ``tokenizer_3`` are None and the pipeline pads with zeros). The CLIP tokenizer's files
+    are written under ``workdir``. The global torch RNG is left as it was."""
+    import diffusers
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tok, n = clip_tokenizer(workdir)
+        transformer = diffusers.SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4,
+                                                      num_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                                      joint_attention_dim=32, caption_projection_dim=16,
+                                                      pooled_projection_dim=16, pos_embed_max_size=16)  # fmt: skip
+        vae, text_encoder, text_encoder_2 = tiny_vae(4), clip_encoder(n), clip_encoder(n)
+        text_encoder_3 = tokenizer_3 = None
+        if t5:  # built last: the other weights are the same with and without it
+            tokenizer_3, n5 = t5_tokenizer()
+            text_encoder_3 = t5_encoder(n5, transformer.config.joint_attention_dim)
+    return _eval(diffusers.StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=tok, text_encoder_2=text_encoder_2, tokenizer_2=tok,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+    ))  # fmt: skip
+
+
+def flux_pipeline(workdir, seed: int = 0) -> diffusers.FluxPipeline:
+    """A random-weight FLUX.1-dev-like pipeline (``guidance_embeds=True``: guidance is an input, not CFG) with its
+    CLIP and T5 text encoders. The CLIP tokenizer's files are written under ``workdir``. The global torch RNG is left
+    as it was."""
+    import diffusers
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tok, n = clip_tokenizer(workdir)
+        t5_tok, n5 = t5_tokenizer()
+        t5 = t5_encoder(n5, 16)
+        transformer = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                                       attention_head_dim=16, num_attention_heads=2,
+                                                       joint_attention_dim=16, pooled_projection_dim=16,
+                                                       axes_dims_rope=[4, 4, 8], guidance_embeds=True)  # fmt: skip
+        vae, text_encoder = tiny_vae(4), clip_encoder(n, projection=False, hidden=16)
+    return _eval(diffusers.FluxPipeline(
+        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+        vae=vae, text_encoder=text_encoder, tokenizer=tok, text_encoder_2=t5, tokenizer_2=t5_tok,
+    ))  # fmt: skip
+
+
+def _save_clip(folder: str, workdir: str, seed: int) -> None:
+    """A random-weight transformers CLIPModel (32x32 images in 8x8 patches, 16-d embeddings) and its processor."""
+    transformers = _transformers()
+    tokenizer, n = clip_tokenizer(workdir)
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    config = transformers.CLIPConfig(
+        text_config={"vocab_size": n, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 77, "eos_token_id": 1, "bos_token_id": 0,
+                     "pad_token_id": 1},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.CLIPModel(config)
+    model.save_pretrained(folder)
+
+
+def save_tiny(kind: str, folder: str, seed: int = 0) -> str:
+    """Write a tiny random-weight model of ``kind`` (one of :data:`KINDS`) to ``folder``, which is created and must
+    not exist or be empty. ``"sd3"`` (with T5, as SD3.5) and ``"flux"``: a diffusers pipeline folder (load it with
+    ``tempflow.models.load_model(folder, ...)``); ``"clip"``: a transformers CLIPModel + CLIPProcessor folder (for
+    ``PickScore(folder)`` or ``Aesthetic(folder, head)``). Returns ``folder``."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown tiny model kind {kind!r}: choose one of {', '.join(KINDS)}")
+    folder = os.fspath(folder)
+    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
+        raise FileExistsError(f"{folder!r} exists and is not an empty folder: give a new or empty folder")
+    created = not os.path.exists(folder)
+    os.makedirs(folder, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory() as workdir:  # the tokenizer's source files; the folder gets its own copy
+            if kind == "clip":
+                _save_clip(folder, workdir, seed)
+            else:
+                pipe = sd3_pipeline(workdir, seed=seed) if kind == "sd3" else flux_pipeline(workdir, seed=seed)
+                pipe.save_pretrained(folder)
+    except BaseException:  # leave no half-written model behind (the folder was new or empty)
+        shutil.rmtree(folder, ignore_errors=True)
+        if not created:
+            os.makedirs(folder, exist_ok=True)
+        raise
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tempflow.models.tiny",
+        description="Write a tiny random-weight model (random weights: its images are noise) to a new folder, to try "
+        "tempflow offline.",
+    )
+    parser.add_argument("kind", choices=KINDS, help="sd3 (SD3.5-like, with T5), flux (FLUX.1-dev-like) or clip "
+                        "(a CLIPModel for the PickScore / Aesthetic rewards)")  # fmt: skip
+    parser.add_argument("folder", help="output folder (created; must not exist or be empty)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    args = parser.parse_args(argv)
+    try:
+        save_tiny(args.kind, args.folder, seed=args.seed)
+    except FileExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote a tiny random-weight {args.kind} model to {args.folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
