@@ -1,4 +1,9 @@
-"""The reward protocol: ``reward(images, prompts, metadata) -> (B,)``, and a weighted sum of rewards."""
+"""The reward protocol: ``reward(images, prompts, metadata) -> (B,)``, and a weighted sum of rewards.
+
+Any callable with that signature is a reward. A :class:`Reward` may also report named values beside the one it
+returns (:meth:`Reward.detailed`: a weighted sum's parts, a classifier's accuracy next to its probability); the
+trainer logs them, and :func:`score` gives ``(total, named values)`` for any reward, plain functions included.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["Reward", "RewardError", "WeightedSum", "checked", "check_images"]
+__all__ = ["Reward", "RewardError", "WeightedSum", "FunctionReward", "checked", "check_images", "score", "reward_name"]
 
 
 class RewardError(RuntimeError):
@@ -33,6 +38,24 @@ def checked(name: str, out, batch: int) -> torch.Tensor:
     return out
 
 
+def reward_name(reward) -> str:
+    """What a reward is called in errors and metrics: its ``name``, else its function or class name."""
+    return getattr(reward, "name", None) or getattr(reward, "__name__", None) or type(reward).__name__
+
+
+def score(reward, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict] | None = None):
+    """``(total (B,), {name: (B,)})`` for any reward: what to train on, and the named values to log (the reward
+    itself for a plain function). Every value is checked (shape, finite) and named in the error."""
+    b = images.shape[0]
+    if isinstance(reward, Reward):
+        total, parts = reward.detailed(images, prompts, metadata)
+    else:
+        total = reward(images, list(prompts), metadata)
+        parts = {reward_name(reward): total}
+    total = checked(reward_name(reward), total, b).to(images.device)
+    return total, {k: checked(k, v, b).to(images.device) for k, v in parts.items()}
+
+
 class Reward:
     """Base class of rewards: subclasses set ``name`` and implement ``score``; calling one checks the inputs and
     the output. ``device`` is where the reward model runs; images are moved there and the result comes back on
@@ -53,10 +76,33 @@ class Reward:
         out = self.score(images.to(self.device, torch.float32).clamp(0, 1), list(prompts), metadata)
         return checked(self.name, out, images.shape[0]).to(images.device)
 
+    def detailed(self, images, prompts, metadata=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(reward, {name: values})``: the reward and the values to log beside it (by default itself)."""
+        value = self(images, prompts, metadata)
+        return value, {self.name: value}
+
+
+class FunctionReward(Reward):
+    """A plain ``fn(images, prompts, metadata) -> (B,)`` as a :class:`Reward` named ``name`` (its inputs and output
+    checked like every reward's). Images arrive on the images' device, fp32 in [0, 1]."""
+
+    def __init__(self, fn, name: str | None = None):
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable: a reward is fn(images, prompts, metadata) -> (B,)")
+        super().__init__("cpu")
+        self.fn, self.name = fn, name or reward_name(fn)
+
+    @torch.no_grad()
+    def __call__(self, images, prompts, metadata=None):
+        check_images(images, prompts, self.name)
+        metadata = list(metadata) if metadata is not None else [{} for _ in prompts]
+        out = self.fn(images.float().clamp(0, 1), list(prompts), metadata)
+        return checked(self.name, out, images.shape[0]).to(images.device)
+
 
 class WeightedSum(Reward):
     """``sum_i w_i r_i``: ``WeightedSum({DigitCorrectness(): 1.0, JpegCompressibility(): 0.1})``. Each part is
-    checked on its own, so a broken part is named in the error."""
+    checked on its own, so a broken part is named in the error; :meth:`detailed` reports every part."""
 
     name = "weighted-sum"
 
@@ -67,28 +113,26 @@ class WeightedSum(Reward):
         for reward, weight in items:
             if not callable(reward):
                 raise TypeError(f"{reward!r} is not a reward (callable images, prompts, metadata -> (B,))")
-            if not isinstance(weight, (int, float)):
-                raise TypeError(f"weight of {getattr(reward, 'name', reward)!r} must be a number, got {weight!r}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise TypeError(f"weight of {reward_name(reward)!r} must be a number, got {weight!r}")
         super().__init__("cpu")
         self.parts = items
 
-    def _values(self, images, prompts, metadata) -> list[torch.Tensor]:
-        out = []
-        for reward, _ in self.parts:
-            name = getattr(reward, "name", type(reward).__name__)
-            out.append(checked(name, reward(images, prompts, metadata), images.shape[0]).to(images.device))
-        return out
+    @torch.no_grad()
+    def detailed(self, images, prompts, metadata=None):
+        check_images(images, prompts, self.name)
+        total, named = 0.0, {}
+        for reward, weight in self.parts:
+            value, parts = score(reward, images, prompts, metadata)
+            total = total + weight * value
+            for k, v in parts.items():
+                named[k if k not in named else f"{k}#{len(named)}"] = v
+        return total, named
 
     def components(self, images, prompts, metadata=None) -> dict[str, torch.Tensor]:
-        """Each part's (checked) reward, by name, for logging."""
-        out = {}
-        for (reward, _), value in zip(self.parts, self._values(images, prompts, metadata), strict=True):
-            name = getattr(reward, "name", type(reward).__name__)
-            out[name if name not in out else f"{name}#{len(out)}"] = value
-        return out
+        """Each part's (checked) values, by name, for logging."""
+        return self.detailed(images, prompts, metadata)[1]
 
     @torch.no_grad()
     def __call__(self, images, prompts, metadata=None):
-        check_images(images, prompts, self.name)
-        values = self._values(images, prompts, metadata)
-        return sum(w * v for (_, w), v in zip(self.parts, values, strict=True))
+        return self.detailed(images, prompts, metadata)[0]

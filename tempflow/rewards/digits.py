@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Reward
+from .base import Reward, check_images, checked
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 CLASSIFIER_WEIGHTS = os.path.join(ASSETS, "digit_classifier.safetensors")
@@ -77,7 +77,8 @@ def load_classifier(path: str = CLASSIFIER_WEIGHTS, device="cpu") -> DigitClassi
 
 class DigitCorrectness(Reward):
     """``p(prompted digit | image)`` under the shipped classifier; the digit comes from ``metadata["digit"]`` when
-    given, else from the prompt."""
+    given, else from the prompt. :meth:`detailed` also reports ``digit-agreement``: 1 where the classifier's most
+    likely digit is the prompted one (the held-out accuracy the README quotes), from the same forward."""
 
     name = "digit-correctness"
 
@@ -85,13 +86,25 @@ class DigitCorrectness(Reward):
         super().__init__(device)
         self.model = load_classifier(weights, self.device)
 
-    def score(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]) -> torch.Tensor:
+    def _probs(self, images, prompts, metadata) -> tuple[torch.Tensor, torch.Tensor]:
         target = torch.tensor(
             [int(m["digit"]) if "digit" in m else prompt_digit(p) for p, m in zip(prompts, metadata, strict=True)],
             device=self.device,
         )
-        probs = torch.softmax(self.model(images), dim=1)
+        return torch.softmax(self.model(images), dim=1), target
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]) -> torch.Tensor:
+        probs, target = self._probs(images, prompts, metadata)
         return probs.gather(1, target[:, None]).squeeze(1)
+
+    @torch.no_grad()
+    def detailed(self, images, prompts, metadata=None):
+        check_images(images, prompts, self.name)
+        metadata = list(metadata) if metadata is not None else [{} for _ in prompts]
+        probs, target = self._probs(images.to(self.device, torch.float32).clamp(0, 1), list(prompts), metadata)
+        p = checked(self.name, probs.gather(1, target[:, None]).squeeze(1), len(prompts)).to(images.device)
+        agree = (probs.argmax(1) == target).float().to(images.device)
+        return p, {self.name: p, "digit-agreement": agree}
 
 
 def train_classifier(seed: int = 0, epochs: int = 40, width: int = 32, log=print) -> tuple[DigitClassifier, float]:
