@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -11,7 +11,9 @@ import torch
 class RolloutBatch:
     """Rows sorted by (prompt, seed, step, branch). ``state`` is ``x_k``, ``action`` the sampled ``x_{k+1}``,
     ``old_log_prob`` its log-prob under the sampling policy, ``reward`` the reward of the image the row led to.
-    ``images``: the final images (one per finished path), ``image_prompt`` their prompt index, for logging."""
+    ``images``: the final images (one per finished path, on the CPU), ``image_prompt`` their prompt index and
+    ``scores`` the reward's named values for each (its parts, e.g. ``{"pickscore": (F,), "jpeg": (F,)}``), for
+    logging."""
 
     prompts: list[str]
     prompt_index: torch.Tensor  # (R,) index into prompts
@@ -25,6 +27,7 @@ class RolloutBatch:
     reward: torch.Tensor  # (R,)
     images: torch.Tensor  # (F, C, H, W)
     image_prompt: torch.Tensor  # (F,)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (F,)
 
     _ROW_FIELDS = ("prompt_index", "prompt_id", "seed_index", "step", "branch", "state", "action", "old_log_prob",
                    "reward")  # fmt: skip
@@ -35,7 +38,8 @@ class RolloutBatch:
     def select(self, rows: torch.Tensor) -> RolloutBatch:
         """The given rows (and every image), e.g. one rank's share."""
         picked = {name: getattr(self, name)[rows] for name in self._ROW_FIELDS}
-        return RolloutBatch(self.prompts, **picked, images=self.images, image_prompt=self.image_prompt)
+        return RolloutBatch(self.prompts, **picked, images=self.images, image_prompt=self.image_prompt,
+                            scores=self.scores)  # fmt: skip
 
     def shard(self, rank: int, world: int) -> RolloutBatch:
         """Rows of the prompts ``rank, rank + world, ...``: whole prompts stay on one rank."""
@@ -54,8 +58,3 @@ class RolloutBatch:
     @classmethod
     def load(cls, path: str) -> RolloutBatch:
         return cls(**torch.load(path, weights_only=True))
-
-
-def sort_key(prompt: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    """A single int64 that orders rows by (prompt, seed, step, branch)."""
-    return ((prompt * 4096 + seed) * 4096 + step) * 4096 + branch

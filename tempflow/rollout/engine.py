@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import ops, rng, sde
+from .. import ops, sde
 from ..models.base import Conditioning, FlowModel
-from ..rewards.base import checked
-from .batch import RolloutBatch, sort_key
+from ..rewards.base import score
+from .batch import RolloutBatch
+from .keys import check_sizes, initial_noise, noise_keys, pack
 from .plan import BranchPlan
 
-__all__ = ["RolloutConfig", "CallableModel", "rollout", "initial_noise", "step_keys"]
+__all__ = ["RolloutConfig", "CallableModel", "rollout"]
 
 
 @dataclass
@@ -59,19 +60,6 @@ class CallableModel(FlowModel):
         return self.decode_fn(latents)
 
 
-def initial_noise(seed: int, prompt_id: torch.Tensor, seed_index: torch.Tensor, shape) -> torch.Tensor:
-    return rng.normal(seed, torch.stack([prompt_id, seed_index], -1), shape)
-
-
-def step_keys(seed: int, prompt_id, seed_index, step, K: int) -> torch.Tensor:
-    """(n, K) stream keys of the branch noise of n paths at their step."""
-    n = prompt_id.numel()
-    branch = torch.arange(K).expand(n, K)
-    ids = torch.stack([prompt_id[:, None].expand(n, K), seed_index[:, None].expand(n, K), step[:, None].expand(n, K),
-                       branch], -1)  # fmt: skip
-    return rng.stream_keys(seed, ids)
-
-
 class _Rows:
     """Accumulates training rows and finished paths."""
 
@@ -90,34 +78,36 @@ def _setup(model, prompts, config, prompt_ids, latent_shape):
     """What both rollout loops start from: the config, the model as an adapter, the grid and step table, and the
     global prompt ids of the noise streams."""
     cfg = config or RolloutConfig()
-    limit = 4096  # rows are ordered by one int64 key with 12 bits for each of seed, step and branch
-    if max(cfg.seeds_per_prompt, cfg.plan.num_steps + 1, cfg.plan.K) >= limit or cfg.seeds_per_prompt < 1:
-        raise ValueError(f"seeds per prompt, steps and branches must each be in 1 .. {limit - 2}")
     if not isinstance(model, FlowModel):
         if latent_shape is None:
             raise ValueError("a plain velocity function needs latent_shape=")
         model = CallableModel(model, latent_shape)
-    grid = model.time_grid(cfg.plan.num_steps)
+    # latents and the step tables live on the model's device; the small index columns stay on the CPU
+    grid = model.time_grid(cfg.plan.num_steps, device=getattr(model, "device", None))
     table = sde.sde_table(grid, cfg.schedule, cfg.noise_level)
     n = len(prompts)
     pid_of = torch.arange(n) if prompt_ids is None else torch.as_tensor(prompt_ids, dtype=torch.long)
     if pid_of.shape != (n,):
         raise ValueError(f"prompt_ids must hold one id per prompt ({n}), got {tuple(pid_of.shape)}")
+    check_sizes(pid_of, cfg.seeds_per_prompt, cfg.plan.num_steps, cfg.plan.K)
     return cfg, model, grid, table, pid_of
 
 
 def score_paths(model, reward_fn, prompts, x, prompt_index, max_batch, metadata=None):
-    """Decode and score finished latents in chunks: ``(images, rewards)``."""
-    images, rewards = [], []
+    """Decode and score finished latents in chunks: ``(images, rewards, parts)``, ``parts`` the reward's named
+    values (tempflow.rewards.score). Images are kept on the CPU (they are for logging; the rows keep latents)."""
+    images, rewards, parts = [], [], {}
     for lo in range(0, x.shape[0], max_batch):
         sl = slice(lo, lo + max_batch)
         img = model.decode(x[sl])
         p = [prompts[i] for i in prompt_index[sl].tolist()]
         meta = [metadata[i] for i in prompt_index[sl].tolist()] if metadata is not None else None
-        name = getattr(reward_fn, "name", getattr(reward_fn, "__name__", "reward"))
-        rewards.append(checked(name, reward_fn(img, p, meta), img.shape[0]))
-        images.append(img)
-    return torch.cat(images), torch.cat(rewards)
+        total, named = score(reward_fn, img, p, meta)
+        rewards.append(total)
+        for k, v in named.items():
+            parts.setdefault(k, []).append(v.float().cpu())
+        images.append(img.cpu())
+    return torch.cat(images), torch.cat(rewards), {k: torch.cat(v) for k, v in parts.items()}
 
 
 @torch.no_grad()
@@ -155,7 +145,7 @@ def rollout(
     prompt = torch.arange(n_prompts).repeat_interleave(S)
     seed_idx = torch.arange(S).repeat(n_prompts)
     live = {
-        "x": initial_noise(cfg.seed, pid_of[prompt], seed_idx, shape),
+        "x": initial_noise(cfg.seed, pid_of[prompt], seed_idx, shape, device=grid.device),
         "prompt": prompt,
         "seed": seed_idx,
         "step": torch.zeros(n_prompts * S, dtype=torch.long),
@@ -173,7 +163,7 @@ def rollout(
             live = {k: v[perm] for k, v in live.items()}
         x, step, p = live["x"], live["step"], live["prompt"]
         peak_live = max(peak_live, x.shape[0])
-        v = torch.empty(x.shape, dtype=torch.float32)
+        v = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         for lo in range(0, x.shape[0], cfg.max_batch):
             sl = slice(lo, lo + cfg.max_batch)
             v[sl] = model.velocity(x[sl], grid.sigmas[step[sl]], cond, p[sl], cfg.guidance).float()
@@ -186,7 +176,7 @@ def rollout(
         if bool(stochastic.any()):
             idx = torch.nonzero(stochastic).flatten()
             k_s = K if plan.mode == "branch" else 1
-            keys = step_keys(cfg.seed, pid_of[p[idx]], live["seed"][idx], step[idx], k_s)
+            keys = noise_keys(cfg.seed, pid_of[p[idx]], live["seed"][idx], step[idx], k_s)
             out = ops.branch_step(x[idx], v[idx], step[idx], table, k_s, keys=keys, backend=cfg.backend)
             r_prompt, r_seed = p[idx].repeat_interleave(k_s), live["seed"][idx].repeat_interleave(k_s)
             r_step, r_branch = step[idx].repeat_interleave(k_s), torch.arange(k_s).repeat(idx.numel())
@@ -228,30 +218,32 @@ def rollout(
         live = {k: v[~(done | drop)] for k, v in live.items()}
 
     fin = {k: torch.cat(v) for k, v in finished.items()}
-    images, rewards = score_paths(model, reward_fn, list(prompts), fin["x"], fin["prompt"], cfg.max_batch, metadata)
+    images, rewards, parts = score_paths(model, reward_fn, list(prompts), fin["x"], fin["prompt"], cfg.max_batch,
+                                         metadata)  # fmt: skip
     fin_key = _path_key(plan, fin["prompt"], fin["seed"], fin["origin"], fin["branch"])
     if stats is not None:
         # peak memory: the largest forward batch (bounded by max_batch) and the latents held live at once
         stats.update(model_calls=calls, samples_forwarded=forwarded, largest_batch=largest, peak_live_items=peak_live)
-    return _assemble(rows, list(prompts), fin_key, rewards, images, fin["prompt"])
+    return _assemble(rows, list(prompts), fin_key, rewards, images, fin["prompt"], parts)
 
 
 def _path_key(plan: BranchPlan, prompt, seed, step, branch) -> torch.Tensor:
     """Which finished path rewards a row: a branch's own completion (prompt, seed, step, branch), or, for a
     trajectory plan, the trajectory of (prompt, seed)."""
     if plan.mode == "branch":
-        return sort_key(prompt, seed, step, branch)
-    return sort_key(prompt, seed, torch.full_like(seed, -1), torch.zeros_like(seed))
+        return pack(prompt, seed, step, branch)
+    return pack(prompt, seed, -1)
 
 
-def _assemble(rows: _Rows, prompts, fin_key, rewards, images, image_prompt) -> RolloutBatch:
-    """Rows in canonical order, each with the reward of the path it led to."""
+def _assemble(rows: _Rows, prompts, fin_key, rewards, images, image_prompt, parts) -> RolloutBatch:
+    """Rows in canonical order, each with the reward of the path it led to; finished paths (images, their prompt
+    and the reward's named values) in the order of their keys."""
     path = rows.cat("path")
     order_f = torch.argsort(fin_key)
     pos = torch.searchsorted(fin_key[order_f], path)
     reward = rewards[order_f][pos]
     prompt, seed, step, branch = rows.cat("prompt"), rows.cat("seed"), rows.cat("step"), rows.cat("branch")
-    order = torch.argsort(sort_key(prompt, seed, step, branch))
+    order = torch.argsort(pack(prompt, seed, step, branch))
     img_order = torch.argsort(fin_key)
     return RolloutBatch(
         prompts=prompts,
@@ -266,4 +258,5 @@ def _assemble(rows: _Rows, prompts, fin_key, rewards, images, image_prompt) -> R
         reward=reward[order],
         images=images[img_order],
         image_prompt=image_prompt[img_order],
+        scores={k: v[img_order] for k, v in parts.items()},
     )

@@ -13,16 +13,8 @@ import torch
 from .. import rng, sde
 from ..models.base import FlowModel
 from .batch import RolloutBatch
-from .engine import (
-    RolloutConfig,
-    _assemble,
-    _path_key,
-    _Rows,
-    _setup,
-    initial_noise,
-    score_paths,
-    step_keys,
-)
+from .engine import RolloutConfig, _assemble, _path_key, _Rows, _setup, score_paths
+from .keys import initial_noise, noise_keys
 
 __all__ = ["naive_rollout"]
 
@@ -44,17 +36,18 @@ def naive_rollout(
     plan, T, K = cfg.plan, cfg.plan.num_steps, cfg.plan.K
     shape = tuple(model.latent_shape)
     rows = _Rows()
-    done = {"key": [], "reward": [], "image": [], "prompt": []}
+    done = {"key": [], "reward": [], "image": [], "prompt": [], "parts": []}
     calls = largest = 0
     cond = model.encode(list(prompts))
 
     def finish(x, pi, s, origin, branch):
         """Decode and score finished paths at once, as the official loop does after each branch point."""
         n = x.shape[0]
-        images, rewards = score_paths(model, reward_fn, list(prompts), x, torch.full((n,), pi), n, metadata)
+        images, rewards, parts = score_paths(model, reward_fn, list(prompts), x, torch.full((n,), pi), n, metadata)
         full = torch.full((n,), 0)
         done["key"].append(_path_key(plan, full + pi, full + s, full + origin, branch))
         done["reward"].append(rewards)
+        done["parts"].append(parts)
         done["image"].append(images)
         done["prompt"].append(full + pi)
 
@@ -69,15 +62,15 @@ def naive_rollout(
         pid = pid_of[pi : pi + 1]
         for s in range(cfg.seeds_per_prompt):
             sid = torch.tensor([s])
-            x = initial_noise(cfg.seed, pid, sid, shape)
+            x = initial_noise(cfg.seed, pid, sid, shape, device=grid.device)
             for k in range(T):
                 if plan.mode == "branch" and k > max(plan.sde_steps):
                     break
                 v = forward(x, k, pi)
                 if k in plan.sde_steps:
                     k_s = K if plan.mode == "branch" else 1
-                    keys = step_keys(cfg.seed, pid, sid, torch.tensor([k]), k_s)[0]
-                    noise = rng.normal_from_keys(keys, shape)
+                    keys = noise_keys(cfg.seed, pid, sid, torch.tensor([k]), k_s)[0]
+                    noise = rng.normal_from_keys(keys, shape).to(x.device)
                     outs = [sde.sde_step(x, v, k, table, noise=eps[None], check_finite=False) for eps in noise]
                     actions = torch.cat([o.sample for o in outs])
                     full = torch.full((k_s,), 0)
@@ -100,5 +93,7 @@ def naive_rollout(
     if stats is not None:  # live at once: the main path and the K completions of one branch point
         live = K + 1 if plan.mode == "branch" else 1
         stats.update(model_calls=calls, samples_forwarded=None, largest_batch=largest, peak_live_items=live)
+    named = done.pop("parts")
+    parts = {k: torch.cat([p[k] for p in named]) for k in named[0]}
     cat = {k: torch.cat(v) for k, v in done.items()}
-    return _assemble(rows, list(prompts), cat["key"], cat["reward"], cat["image"], cat["prompt"])
+    return _assemble(rows, list(prompts), cat["key"], cat["reward"], cat["image"], cat["prompt"], parts)

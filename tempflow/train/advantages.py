@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..rollout.batch import RolloutBatch
+from ..rollout.keys import pack
 
 EPS = 1e-4
 CLIP = 5.0
@@ -45,36 +46,30 @@ def group_normalize(reward: torch.Tensor, mean_groups: torch.Tensor, std_groups:
     return ((reward.double() - mean) / (std + eps)).clamp(-clip, clip).float()
 
 
-def _ids(*cols: torch.Tensor) -> torch.Tensor:
-    key = torch.zeros_like(cols[0], dtype=torch.int64)
-    for c in cols:
-        key = key * 1_000_003 + c.to(torch.int64)
-    return key
-
-
-def tempflow_advantages(batch: RolloutBatch, group: str = "seed") -> torch.Tensor:
-    """Per-step process advantages ``(R,)`` of a TempFlow rollout; ``group``: seed | prompt | global."""
+def tempflow_advantages(batch: RolloutBatch, group: str = "seed", clip: float = CLIP) -> torch.Tensor:
+    """Per-step process advantages ``(R,)`` of a TempFlow rollout; ``group``: seed | prompt | global; advantages
+    clipped to ``[-clip, clip]``."""
     if group == "seed":
-        groups = _ids(batch.prompt_id, batch.seed_index, batch.step)
+        groups = pack(batch.prompt_id, batch.seed_index, batch.step)
     elif group == "prompt":
-        groups = _ids(batch.prompt_id, batch.step)
+        groups = pack(batch.prompt_id, 0, batch.step)
     elif group == "global":
         groups = batch.step
     else:
         raise ValueError(f"advantage group must be seed, prompt or global, got {group!r}")
-    return group_normalize(batch.reward, groups)
+    return group_normalize(batch.reward, groups, clip=clip)
 
 
-def flow_grpo_advantages(batch: RolloutBatch, std: str = "global") -> torch.Tensor:
+def flow_grpo_advantages(batch: RolloutBatch, std: str = "global", clip: float = CLIP) -> torch.Tensor:
     """Flow-GRPO's advantages ``(R,)``: per-trajectory, normalised over the prompt's trajectories (mean) and over the
     prompt or the whole batch (std), broadcast to every step row of the trajectory."""
     if std not in ("global", "prompt"):
         raise ValueError(f"Flow-GRPO std must be global or prompt, got {std!r}")
-    traj = _ids(batch.prompt_id, batch.seed_index)
+    traj = pack(batch.prompt_id, batch.seed_index)
     keys, first = _first_rows(traj)
     reward, prompt = batch.reward[first], batch.prompt_id[first]
     std_groups = torch.zeros_like(prompt) if std == "global" else prompt
-    adv = group_normalize(reward, prompt, std_groups)
+    adv = group_normalize(reward, prompt, std_groups, clip=clip)
     return adv[torch.searchsorted(keys, traj)]
 
 
@@ -88,7 +83,7 @@ def _first_rows(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def signal_rows(batch: RolloutBatch, adv: torch.Tensor) -> torch.Tensor:
     """Mask of the rows worth training: those of a (prompt, seed, step) state whose advantages are not all zero
     (a group whose K rewards are all equal carries no signal)."""
-    state = _ids(batch.prompt_id, batch.seed_index, batch.step)
+    state = pack(batch.prompt_id, batch.seed_index, batch.step)
     _, inverse = torch.unique(state, return_inverse=True)
     nonzero = torch.zeros(int(inverse.max()) + 1).index_add_(0, inverse, (adv != 0).float())
     return nonzero[inverse] > 0
