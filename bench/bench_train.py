@@ -66,10 +66,6 @@ EVAL_SEED = 987_654  # noise streams no training run draws (runs use seeds 0, 1,
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 
 
-class Budget(Exception):
-    """Raised from the trainer's per-iteration callback when the run has spent its model calls."""
-
-
 class Counted:
     """Counts the samples that go through the model's transformer (a CFG pair counts 2)."""
 
@@ -169,8 +165,9 @@ def run(job: dict) -> list[dict]:
     split = {"sampling_s": 0.0, "reward_s": 0.0, "training_s": 0.0}
     marks = list(FRACTIONS)
 
-    def after_iteration(m, iteration):
-        last = json.loads(open(os.path.join(folder, "metrics.jsonl")).read().splitlines()[-1])
+    def after_iteration(m, last):
+        """The trainer's callback: time split, evaluations at the budget's marks; True (stop) once it is spent."""
+        iteration = last["iteration"]
         split["reward_s"] += timing["reward_s"]
         split["sampling_s"] += last["rollout_s"] - timing["reward_s"]
         split["training_s"] += last["train_s"]
@@ -195,13 +192,9 @@ def run(job: dict) -> list[dict]:
                     **per_it,
                 )
             )
-        if not marks:
-            raise Budget
+        return not marks
 
-    try:
-        train(model, timed_reward, cfg, log=lambda *_: None, evaluate=after_iteration)
-    except Budget:
-        pass
+    train(model, "digits", timed_reward, cfg, log=lambda *_: None, callback=after_iteration)
     return records
 
 
@@ -213,24 +206,17 @@ def speedups(reps: int = 3, **settings) -> dict:
 
     from tempflow import ops, sde
     from tempflow.models.digits import DigitsModel
+    from tempflow.prompts import digits_prompts
     from tempflow.rewards import DigitCorrectness
-    from tempflow.rollout import RolloutConfig, naive_rollout, rollout
+    from tempflow.rollout import naive_rollout, rollout
     from tempflow.train.advantages import tempflow_advantages
-    from tempflow.train.trainer import TrainConfig, plan_for, prompts_for
+    from tempflow.train.trainer import TrainConfig
 
     cfg = TrainConfig(**settings)
     model = DigitsModel.load()
     model.use_lora(cfg.lora_rank, cfg.lora_alpha)
-    plan = plan_for(cfg)
-    prompts, ids = prompts_for(0, cfg)
-    rcfg = RolloutConfig(
-        plan=plan,
-        seeds_per_prompt=cfg.seeds_per_prompt,
-        guidance=cfg.guidance,
-        noise_level=cfg.noise_level,
-        seed=0,
-        max_batch=cfg.max_batch,
-    )
+    plan, rcfg = cfg.plan(), cfg.rollout_config()
+    prompts, _, ids = digits_prompts().draw(0, cfg.prompts_per_iteration, cfg.seed)
     reward = DigitCorrectness()
     with torch.no_grad():
         batch = rollout(model, prompts, reward, rcfg, prompt_ids=ids)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for a lent CUDA machine (it has torch and triton, not diffusers or deepspeed):
 #   1. build the C++ and CUDA extensions against the machine's CUDA torch (sm_90 unless TEMPFLOW_CUDA_ARCHS says);
-#   2. run the kernel tests on the GPU: real Triton compilation, the hand-written CUDA kernels, the rng stream;
+#   2. run the kernel tests on the GPU: real Triton compilation, the hand-written CUDA kernels, the rng stream,
+#      and the trainer + engine on the GPU (tests/test_gpu_train.py: needs diffusers and peft wheels in .whl/);
 #   3. time the fused ops against the eager Flow-GRPO step (bench/bench_step.py --device cuda).
 # Logs and the bench's JSON line go to $OUT when set (the device tool brings that folder back), else to
 # bench/results/. Commit what it wrote under bench/results/.
@@ -32,7 +33,7 @@ $PY -m tempflow.cli doctor | tee -a "$dest/gpu_build.log"
 
 echo "== tests on the GPU"
 set +e
-$PY -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_rng.py tests/test_sde.py 2>&1 | tee "$dest/gpu_tests.log"
+$PY -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_rng.py tests/test_sde.py tests/test_gpu_train.py 2>&1 | tee "$dest/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 set -e
 

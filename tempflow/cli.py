@@ -1,13 +1,20 @@
 """``tempflow`` command line.
 
-tempflow demo     sample an analytic Gaussian-mixture flow with the ODE and each SDE schedule, and check that
-                  every sampler lands on the data distribution (the main job until the trainer lands)
-tempflow doctor   what is installed and built, which backends serve which device, and why one is missing
+tempflow train         TempFlow-GRPO / Flow-GRPO: the embedded default with no arguments, or any model, prompts and
+                       rewards from a YAML file (--config) and --set overrides
+tempflow eval          held-out rewards of a run's base, final and EMA weights side by side
+tempflow sample        a PNG grid of samples of a model or a run
+tempflow serve-reward  serve a reward over HTTP (loopback by default) to trainers in other processes or machines
+tempflow tiny-model    write a tiny random-weight SD3 / FLUX / CLIP folder to try the pipeline offline
+tempflow pretrain      rebuild the embedded default's weights or its digit classifier
+tempflow demo          sample an analytic Gaussian-mixture flow with the ODE and each SDE schedule and check them
+tempflow doctor        what is installed and built, which backends serve which device, and why one is missing
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -15,6 +22,7 @@ import platform
 import sys
 import time
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -156,17 +164,47 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
-def cmd_sample(args) -> int:
-    from .models import load_model, sample
+def _run_model(cfg, run: str | None):
+    """The model a config names, loaded with its options; for a run, an error that says the folder moved."""
+    from .models import load_model
 
-    kwargs = {} if args.model == "digits" else {"height": args.size, "width": args.size, "torch_dtype": torch.float32}
-    model = load_model(args.model, **kwargs)
+    try:
+        return load_model(cfg.model, **cfg.model_options())
+    except FileNotFoundError as exc:
+        if run and cfg.model != "digits":
+            raise FileNotFoundError(f"run {run!r} was trained on model {cfg.model!r}, which is not there any more "
+                                    f"({exc}); pass --model with its new path") from None  # fmt: skip
+        raise
+
+
+def _base_config(args):
+    """A run's settings (its config.json) when ``--run`` is given, else the defaults; then --config / --set."""
+    from .train.trainer import TrainConfig, run_config
+
+    base = run_config(args.run).to_dict() if args.run else {}
+    return TrainConfig.from_sources(args.config, args.set, base=base)
+
+
+def cmd_sample(args) -> int:
+    from .models import sample
+
+    cfg = _base_config(args)
+    if args.model:
+        cfg.model = args.model
+    if args.size:
+        cfg.resolution, cfg.height, cfg.width = args.size, 0, 0
+    model = _run_model(cfg, args.run)
     if args.run:
         from .train.trainer import load_run
 
         load_run(model, args.run, use_ema=args.ema)
-    prompts = [p for p in args.prompts for _ in range(args.per_prompt)]
-    guidance = model.default_guidance if args.guidance is None else args.guidance
+    prompts = args.prompts or ([f"a handwritten {d}" for d in range(10)] if cfg.model == "digits" else None)
+    if not prompts:
+        raise ValueError('give prompts to sample: tempflow sample "a red fox" "a blue bird" ...')
+    if any(not p.strip() for p in prompts):
+        raise ValueError("an empty prompt: give each prompt some text (quote prompts that contain spaces)")
+    prompts = [p for p in prompts for _ in range(args.per_prompt)]
+    guidance = (cfg.guidance if args.run else model.default_guidance) if args.guidance is None else args.guidance
     start = time.perf_counter()
     latents = sample(model, prompts, steps=args.steps, guidance=guidance, seed=args.seed, progress=True)
     images = model.decode(latents)
@@ -178,71 +216,131 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    from dataclasses import fields
+def _say(*parts):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*parts, flush=True)
 
-    from .models import digits as dg
-    from .rewards import DigitCorrectness
+
+def cmd_train(args) -> int:
+    from .prompts import load_prompts
+    from .rewards.registry import build_reward
     from .train.trainer import TrainConfig, train
 
     if args.help_config:
-        print("tempflow train settings (--set name=value):\n" + TrainConfig.help())
+        print("tempflow train settings (YAML --config file or --set name=value):\n" + TrainConfig.help())
         return 0
-    values = {}
-    if args.config:
-        import yaml
-
-        with open(args.config) as fh:
-            values.update(yaml.safe_load(fh) or {})
-    types = {f.name: type(f.default) for f in fields(TrainConfig)}
-    for item in args.set or []:
-        name, _, raw = item.partition("=")
-        if name not in types:
-            raise ValueError(f"unknown setting {name!r}; see tempflow train --help-config")
-        kind = types[name]
-        values[name] = raw.lower() in ("1", "true", "yes", "on") if kind is bool else kind(raw)
-    unknown = set(values) - set(types)
-    if unknown:
-        raise ValueError(f"unknown settings {sorted(unknown)} in {args.config}; see tempflow train --help-config")
-    cfg = TrainConfig(**values)
-    cfg.validate()
-    main_rank = int(os.environ.get("RANK", "0")) == 0
-    say = print if main_rank else (lambda *_: None)
-    say("tempflow train: " + ", ".join(f"{k}={v}" for k, v in sorted(vars(cfg).items())))
-    model = dg.DigitsModel.load()
+    cfg = TrainConfig.from_sources(args.config, args.set)
+    _say("tempflow train: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
+    prompts = load_prompts(cfg.prompts)
+    eval_prompts = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else None
+    device = cfg.resolved_device()
+    reward = build_reward(cfg.reward, device=device)
+    eval_reward = build_reward(cfg.eval_reward, device=device) if cfg.eval_reward else None
+    held = f"{len(eval_prompts)} held-out prompts ({eval_prompts.name})" if eval_prompts else "no evaluation"
+    _say(f"{len(prompts)} training prompts ({prompts.name}); {held}")
+    model = _run_model(cfg, None)
     start = time.perf_counter()
-    base = dg.prompt_agreement(model, per_digit=args.eval_per_digit)
-    say(f"held-out prompt agreement before: {base:.3f} (T=10, guidance {model.default_guidance})")
-    train(model, DigitCorrectness(), cfg, resume=args.resume, log=say)
-    after = dg.prompt_agreement(model, per_digit=args.eval_per_digit)  # every rank: ZeRO-3 forwards are collective
-    seconds = time.perf_counter() - start
-    say(f"held-out prompt agreement after: {after:.3f} ({after - base:+.3f}) in {seconds:.0f} s; run in {cfg.out}")
-    if main_rank:
-        with open(os.path.join(cfg.out, "summary.json"), "w") as fh:
-            json.dump({"agreement_before": base, "agreement_after": after, "seconds": seconds}, fh, indent=2)
+    train(model, prompts, reward, cfg, eval_prompts=eval_prompts, eval_reward=eval_reward, resume=args.resume,
+          log=_say)  # fmt: skip
+    if eval_prompts is not None and int(os.environ.get("RANK", "0")) == 0:
+        with open(os.path.join(cfg.out, "summary.json")) as fh:
+            done = json.load(fh)
+        for name, after in done["final"].items():
+            before = done["base"].get(name)
+            change = f", {after - before:+.4f}" if before is not None else ""
+            _say(
+                f"held-out {name}: {before:.4f} before, {after:.4f} after (iteration {done['final_iteration']}{change})"
+            )
+    _say(f"done in {time.perf_counter() - start:.0f} s; run in {cfg.out} (tempflow eval --run {cfg.out}; tempflow "
+         f"sample --run {cfg.out})")  # fmt: skip
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .models import digits as dg
+    """Base, final and EMA weights of a run (or a base model alone) side by side on held-out prompts."""
+    from .prompts import load_prompts
+    from .rewards.registry import build_reward
+    from .train.evaluation import evaluate
 
-    model = dg.DigitsModel.load()
-    label = "base model"
+    cfg = _base_config(args)
+    overrides = {"model": args.model, "eval_prompts": args.prompts, "eval_per_prompt": args.per_prompt,
+                 "eval_guidance": args.guidance, "eval_seed": args.seed}  # fmt: skip
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(cfg, name, value)
+    if args.reward is not None:
+        cfg.eval_reward = _yaml_or_text(args.reward)
+    cfg.validate()
+    prompts = load_prompts(cfg.eval_prompts or cfg.prompts)
+    reward = build_reward(cfg.eval_reward or cfg.reward, device=cfg.resolved_device())
+    model = _run_model(cfg, args.run)
+    variants = {"base": None}
     if args.run:
-        from .train.trainer import load_run
+        from .train.trainer import put_weights, run_checkpoint
 
-        load_run(model, args.run, use_ema=not args.no_ema)
-        label = f"{args.run} ({'final' if args.no_ema else 'EMA'} weights)"
-    results = {}
-    if min(args.eval_steps) < 1 or args.per_digit < 1:
-        raise ValueError("--steps and --per-digit must be positive")
-    for steps in args.eval_steps:
-        acc = dg.prompt_agreement(model, steps=steps, guidance=args.guidance, per_digit=args.per_digit, seed=args.seed)
-        results[f"agreement_T{steps}"] = acc
-        print(f"{label}: held-out prompt agreement at T={steps}: {acc:.3f} ({10 * args.per_digit} samples)")
+        state = run_checkpoint(args.run)
+        if cfg.lora_rank > 0:
+            model.use_lora(cfg.lora_rank, cfg.lora_alpha)
+        else:
+            model.keep_reference_copy()
+        variants = {"base": None, "final": state["params"]}
+        if state["ema"] is not None:
+            variants["ema"] = state["ema"]
+    steps = args.eval_steps or [cfg.eval_steps]
+    guidance = cfg.guidance if cfg.eval_guidance is None else cfg.eval_guidance
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    n = len(prompts) * cfg.eval_per_prompt
+    print(f"held-out: {len(prompts)} prompts ({prompts.name}) x {cfg.eval_per_prompt} = {n} samples, guidance "
+          f"{guidance}, seed {cfg.eval_seed}")  # fmt: skip
+    for t in steps:
+        for name, weights in variants.items():
+            if weights is not None:
+                put_weights(model, weights, f"{args.run}/checkpoint.pt")
+            with model.reference() if weights is None and args.run else contextlib.nullcontext():  # base: adapters off
+                res = evaluate(model, prompts, reward, t, guidance, cfg.eval_per_prompt, cfg.eval_seed, cfg.max_batch)
+            results.setdefault(f"T{t}", {})[name] = res.values
+    names = list(variants)
+    for t, by_variant in results.items():
+        print(f"\n{'T=' + t[1:]:<30}" + "".join(f"{v:>12}" for v in names))
+        for value in by_variant[names[0]]:
+            print(f"  {value[:28]:<28}" + "".join(f"{by_variant[v][value]:>12.4f}" for v in names))
     if args.run:
         with open(os.path.join(args.run, "eval.json"), "w") as fh:
-            json.dump({**results, "ema": not args.no_ema, "per_digit": args.per_digit}, fh, indent=2)
+            json.dump({"samples": n, "prompts": prompts.name, "guidance": guidance, "seed": cfg.eval_seed,
+                       "results": results}, fh, indent=2)  # fmt: skip
+        print(f"\nwrote {os.path.join(args.run, 'eval.json')}")
+    return 0
+
+
+def _yaml_or_text(raw: str):
+    """A command-line value that may be a YAML mapping (``{pickscore: 1, jpeg-compressibility: 0.1}``)."""
+    if raw.strip()[:1] in ("{", "["):
+        import yaml
+
+        return yaml.safe_load(raw)
+    return raw
+
+
+def cmd_serve_reward(args) -> int:
+    from .rewards.remote import serve_main
+
+    kwargs = {}
+    for item in args.set or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: write key=value")
+        import yaml
+
+        kwargs[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return serve_main(args.reward, host=args.host, port=args.port, token=args.token, device=args.device, kwargs=kwargs,
+                      allow_open=args.allow_open, verbose=not args.quiet)  # fmt: skip
+
+
+def cmd_tiny_model(args) -> int:
+    from .models.tiny import save_tiny
+
+    save_tiny(args.kind, args.folder, seed=args.seed)
+    print(f"wrote a tiny random-weight {args.kind} model to {args.folder}")
     return 0
 
 
@@ -272,39 +370,62 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(func=cmd_pretrain)
 
     smp = sub.add_parser("sample", help="write a PNG grid of samples for a list of prompts")
-    smp.add_argument("prompts", nargs="*", default=[f"a handwritten {d}" for d in range(10)],
-                     help='prompts, one grid row each (default: "a handwritten 0" .. "a handwritten 9")')  # fmt: skip
+    smp.add_argument("prompts", nargs="*", help='prompts, one grid row each (digits model: "a handwritten 0" .. "9")')
     smp.add_argument("--per-prompt", type=int, default=8, help="samples per prompt (grid columns, default 8)")
     smp.add_argument("--steps", type=int, default=10, help="ODE steps (default 10)")
-    smp.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
+    smp.add_argument("--guidance", type=float, default=None, help="guidance (default: the run's, else the model's)")
     smp.add_argument("--seed", type=int, default=0, help="seed of the counter-based initial noise")
     smp.add_argument("--scale", type=int, default=4, help="pixel upscaling of the PNG (default 4)")
     smp.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
-    smp.add_argument("--model", default="digits", help="'digits' (the embedded default) or a local diffusers "
-                     "SD3/SD3.5/FLUX pipeline folder")  # fmt: skip
-    smp.add_argument("--size", type=int, default=512, help="image size for diffusers models (default 512)")
+    smp.add_argument("--model", default=None, help="'digits' (default) or a local diffusers SD3/SD3.5/FLUX folder; "
+                     "with --run: the run's model (give this if its folder moved)")  # fmt: skip
+    smp.add_argument("--size", type=int, default=None, help="image size (default: the run's, else the model's)")
     smp.add_argument("--run", default=None, help="a tempflow train output folder: sample its trained weights")
     smp.add_argument("--ema", action="store_true", help="with --run: use the EMA weights")
+    smp.add_argument("--config", default=None, help=argparse.SUPPRESS)
+    smp.add_argument("--set", action="append", metavar="NAME=VALUE", help="model setting, e.g. dtype=bf16")
     smp.set_defaults(func=cmd_sample)
 
-    tr = sub.add_parser("train", help="TempFlow-GRPO (or Flow-GRPO) on the embedded default digits model")
-    tr.add_argument("--config", default=None, help="YAML file of settings (see --help-config)")
+    tr = sub.add_parser("train", help="TempFlow-GRPO (or Flow-GRPO): the embedded default, or your model, prompts "
+                        "and rewards (--config / --set)")  # fmt: skip
+    tr.add_argument("--config", default=None, help="YAML file of settings (see --help-config and configs/)")
     tr.add_argument("--set", action="append", metavar="NAME=VALUE", help="override one setting (repeatable)")
     tr.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
-    tr.add_argument("--eval-per-digit", type=int, default=50, help="samples per digit for the agreement measure")
     tr.add_argument("--help-config", action="store_true", help="list every setting with its help and exit")
     tr.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="held-out prompt agreement of the digits model or a run (deterministic ODE)")
-    ev.add_argument("--run", default=None, help="a tempflow train output folder (default: the base model)")
-    ev.add_argument("--no-ema", action="store_true", help="with --run: the final weights instead of the EMA")
-    ev.add_argument(
-        "--steps", dest="eval_steps", type=int, nargs="+", default=[10, 40], help="ODE steps (default 10 40)"
-    )
-    ev.add_argument("--guidance", type=float, default=None, help="guidance (default: the model's)")
-    ev.add_argument("--per-digit", type=int, default=50, help="samples per digit (default 50)")
-    ev.add_argument("--seed", type=int, default=1, help="noise seed of the evaluation samples")
+    ev = sub.add_parser("eval", help="held-out rewards of a run's base, final and EMA weights (or of a base model)")
+    ev.add_argument("--run", default=None, help="a tempflow train output folder (its model, prompts and rewards)")
+    ev.add_argument("--model", default=None, help="the model (default: the run's; give it if the run's folder moved)")
+    ev.add_argument("--prompts", default=None, help="held-out prompts: digits, .txt or .jsonl (default: the run's)")
+    ev.add_argument("--reward", default=None, help="reward name, import path or YAML mapping (default: the run's)")
+    ev.add_argument("--steps", dest="eval_steps", type=int, nargs="+", default=None,
+                    help="ODE steps, one evaluation each (default: the run's eval_steps, 40)")  # fmt: skip
+    ev.add_argument("--guidance", type=float, default=None, help="guidance (default: the run's)")
+    ev.add_argument("--per-prompt", type=int, default=None, help="samples per prompt (default: the run's)")
+    ev.add_argument("--seed", type=int, default=None, help="noise seed of the samples (default: the run's eval_seed)")
+    ev.add_argument("--config", default=None, help="YAML file of settings (instead of a run's)")
+    ev.add_argument("--set", action="append", metavar="NAME=VALUE", help="override one setting (repeatable)")
     ev.set_defaults(func=cmd_eval)
+
+    srv = sub.add_parser("serve-reward", help="serve a reward over HTTP to trainers elsewhere (loopback by default)")
+    srv.add_argument("reward", help="a reward name (e.g. pickscore) or module:function / module:Class")
+    srv.add_argument("--port", type=int, default=18085, help="port (default 18085; 0: any free port)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--token", default=None, help="shared token clients must send (better: the environment "
+                     "variable TEMPFLOW_REWARD_TOKEN, which ps does not show)")  # fmt: skip
+    srv.add_argument("--device", default="cpu", help="where the reward model runs (default cpu; e.g. cuda:1)")
+    srv.add_argument("--set", action="append", metavar="KEY=VALUE", help="reward argument, e.g. path=/models/x")
+    srv.add_argument("--allow-open", action="store_true", help="bind a non-loopback host without a token")
+    srv.add_argument("--quiet", action="store_true", help="no line per request")
+    srv.set_defaults(func=cmd_serve_reward)
+
+    tiny = sub.add_parser("tiny-model", help="write a tiny random-weight SD3 / FLUX / CLIP folder (offline tries)")
+    tiny.add_argument("kind", choices=["sd3", "flux", "clip"], help="sd3 | flux (diffusers pipelines) | clip "
+                      "(a CLIPModel folder, e.g. for pickscore)")  # fmt: skip
+    tiny.add_argument("folder", help="where to write it (must not exist or be empty)")
+    tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    tiny.set_defaults(func=cmd_tiny_model)
 
     doctor = sub.add_parser("doctor", help="report installed parts, built extensions and backends")
     doctor.set_defaults(func=cmd_doctor)
@@ -312,14 +433,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .rewards.base import RewardError
+
     args = build_parser().parse_args(argv)
-    steps = getattr(args, "steps", None)
-    if getattr(args, "samples", 1) < 1 or (steps is not None and steps < 1) or getattr(args, "per_prompt", 1) < 1:
-        print("tempflow: --samples, --steps and --per-prompt must be positive", file=sys.stderr)
+    flags = {"samples": "--samples", "steps": "--steps", "eval_steps": "--steps", "per_prompt": "--per-prompt",
+             "scale": "--scale"}  # fmt: skip
+    bad = [flag for name, flag in flags.items() if getattr(args, name, None) is not None
+           and min(np.atleast_1d(getattr(args, name))) < 1]  # fmt: skip
+    if bad:
+        print(f"tempflow {args.command}: error: {', '.join(bad)} must be positive", file=sys.stderr)
         return 2
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError, ImportError, RewardError) as exc:
         print(f"tempflow {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

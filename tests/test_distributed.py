@@ -30,7 +30,7 @@ RANK_SCRIPT = textwrap.dedent("""
         reward = lambda images, prompts, metadata: torch.full((len(images),), 0.5)
         reward.name = "flat"
     model = tiny_model()
-    train(model, reward, tiny_config({out!r}, **{settings!r}), resume={resume!r}, log=lambda *_: None)
+    train(model, "digits", reward, tiny_config({out!r}, **{settings!r}), resume={resume!r}, log=lambda *_: None)
     # the reward model was never handed to DeepSpeed: full weights on every rank, not ZeRO-3 partitions
     checks = {{"reward_partitioned": any(hasattr(p, "ds_id") for p in scorer.model.parameters()),
               "reward_numel": sum(p.numel() for p in scorer.model.parameters()),
@@ -69,7 +69,7 @@ def test_zero_on_two_processes_matches_one_process(tmp_path, stage):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     single = tmp_path / "single"
     model = tiny_model()
-    train(model, DigitCorrectness(), tiny_config(single, **{**ZERO3, "zero_stage": 0}), log=lambda *_: None)
+    train(model, "digits", DigitCorrectness(), tiny_config(single, **{**ZERO3, "zero_stage": 0}), log=lambda *_: None)
     two, one = metrics(tmp_path / "zero3"), metrics(single)
     assert len(two) == len(one) == 3
     for a, b in zip(two, one, strict=True):

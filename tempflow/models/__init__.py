@@ -1,7 +1,18 @@
 """Velocity models behind one adapter protocol (:class:`FlowModel`): the embedded default ``digits`` (an
-SD3-architecture model shipped with the package) and an analytic Gaussian-mixture flow for demos and tests."""
+SD3-architecture model shipped with the package), SD3/SD3.5 and FLUX.1 from local diffusers folders (found by
+:func:`load_model` through the family registry), and an analytic Gaussian-mixture flow for demos and tests."""
 
-from .base import Conditioning, FlowModel, load_model, sample
+from .base import Conditioning, FlowModel, sample
 from .mixture import GaussianMixtureFlow
+from .registry import FAMILIES, detect_family, load_model, register_family
 
-__all__ = ["Conditioning", "FlowModel", "GaussianMixtureFlow", "load_model", "sample"]
+__all__ = [
+    "Conditioning",
+    "FlowModel",
+    "GaussianMixtureFlow",
+    "FAMILIES",
+    "detect_family",
+    "load_model",
+    "register_family",
+    "sample",
+]

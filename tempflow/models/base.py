@@ -16,7 +16,7 @@ import torch
 
 from .. import sde
 
-__all__ = ["Conditioning", "FlowModel", "sample", "load_model"]
+__all__ = ["Conditioning", "FlowModel", "sample"]
 
 
 @dataclass
@@ -135,18 +135,23 @@ class FlowModel:
 
 @torch.no_grad()
 def sample(model: FlowModel, prompts: Sequence[str], steps: int = 10, guidance: float | None = None, seed: int = 0,
-           batch: int = 256, progress: bool = False) -> torch.Tensor:  # fmt: skip
-    """Deterministic ODE samples (B, *latent_shape) from counter-based initial noise (prompt i, seed): the i-th
-    sample does not depend on the batch it is drawn in."""
+           batch: int = 256, progress: bool = False, noise_ids=None) -> torch.Tensor:  # fmt: skip
+    """Deterministic ODE samples (B, *latent_shape) from counter-based initial noise (sample id i, seed): the i-th
+    sample does not depend on the batch it is drawn in. ``noise_ids`` (B,): the samples' ids (default 0..B-1), so
+    that a rank's share of a larger set draws the noise the whole set would."""
     from .. import rng
 
-    grid = model.time_grid(steps)
+    device = getattr(model, "device", None)
+    grid = model.time_grid(steps, device=device)
     cond = model.encode(prompts)
+    ids_all = torch.arange(len(prompts)) if noise_ids is None else torch.as_tensor(noise_ids, dtype=torch.long)
+    if ids_all.shape != (len(prompts),):
+        raise ValueError(f"noise_ids must hold one id per prompt ({len(prompts)}), got {tuple(ids_all.shape)}")
     out = []
     for start in range(0, len(prompts), batch):
         index = torch.arange(start, min(start + batch, len(prompts)))
-        ids = torch.stack([index, torch.full_like(index, -1)], 1)
-        x = rng.normal(seed, ids, model.latent_shape)
+        ids = torch.stack([ids_all[index], torch.full_like(index, -1)], 1)
+        x = rng.normal(seed, ids, model.latent_shape, device=device)
         for k in range(steps):
             v = model.velocity(x, grid.sigmas[k], cond, index, guidance)
             x = sde.ode_step(x, v, k, grid)
@@ -157,30 +162,3 @@ def sample(model: FlowModel, prompts: Sequence[str], steps: int = 10, guidance: 
     if progress:
         print(file=sys.stderr)
     return torch.cat(out)
-
-
-def load_model(spec: str = "digits", device="cpu", **kwargs) -> FlowModel:
-    """``"digits"``: the embedded default; else a local diffusers pipeline folder (SD3/SD3.5 or FLUX, told apart by
-    its transformer class)."""
-    if spec == "digits":
-        from .digits import DigitsModel
-
-        return DigitsModel.load(device=device)
-    import json
-    import os
-
-    from .diffusers_models import FluxModel, SD3Model
-
-    index = os.path.join(spec, "model_index.json")
-    if not os.path.exists(index):
-        raise FileNotFoundError(
-            f"{spec!r} is neither 'digits' nor a local diffusers pipeline folder (no model_index.json)"
-        )
-    transformer = json.load(open(index)).get("transformer", [None, ""])[1]
-    if "Flux" in transformer:
-        return FluxModel.from_pretrained(spec, device=device, **kwargs)
-    if "SD3" in transformer:
-        return SD3Model.from_pretrained(spec, device=device, **kwargs)
-    raise ValueError(
-        f"{spec}: transformer {transformer!r} is not supported (SD3Transformer2DModel, FluxTransformer2DModel)"
-    )

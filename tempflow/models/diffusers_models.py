@@ -44,21 +44,35 @@ def set_attention(transformer, attention: str = "sdpa") -> None:
 class _DiffusersModel(FlowModel):
     """What SD3 and FLUX share: prompt encoding (pipeline or precomputed), the VAE decode, trainable parameters."""
 
-    def __init__(self, transformer, vae=None, pipeline=None, embeddings=None, height: int = 512, width: int = 512,
-                 guidance: float = 4.5, attention: str = "sdpa", device=None):  # fmt: skip
+    def __init__(self, transformer, vae=None, pipeline=None, embeddings=None, height: int | None = None,
+                 width: int | None = None, guidance: float = 4.5, attention: str = "sdpa",
+                 max_sequence_length: int = 128, device=None):  # fmt: skip
         if pipeline is None and embeddings is None:
             raise ValueError(
                 "give a pipeline (for its text encoders) or precomputed embeddings={prompt: (hidden, pooled)}"
             )
         self.transformer, self.vae, self.pipeline, self.embeddings = transformer, vae, pipeline, embeddings
         self.device = torch.device(device) if device is not None else next(transformer.parameters()).device
-        self.dtype = next(transformer.parameters()).dtype
         self.default_guidance = guidance
+        self.max_sequence_length = int(max_sequence_length)
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        native = self.native_resolution()
+        height, width = height or native, width or native
         if height % (self.vae_scale * 2) or width % (self.vae_scale * 2):
             raise ValueError(f"height and width must be multiples of {self.vae_scale * 2}, got {height}x{width}")
         self.height, self.width = height, width
         set_attention(transformer, attention)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The denoiser's weight dtype (inputs are cast to it; read live, so casting the transformer is enough)."""
+        return next(self.transformer.parameters()).dtype
+
+    def native_resolution(self) -> int:
+        """The pipeline's default image size (diffusers': ``default_sample_size * vae_scale_factor``)."""
+        size = getattr(self.pipeline, "default_sample_size", None) or getattr(self.transformer.config, "sample_size",
+                                                                              64)  # fmt: skip
+        return int(size) * self.vae_scale
 
     @classmethod
     def from_pipeline(cls, pipe, **kwargs):
@@ -66,22 +80,24 @@ class _DiffusersModel(FlowModel):
 
     @classmethod
     def from_pretrained(cls, path: str, torch_dtype=torch.bfloat16, device="cpu", pipeline_kwargs=None, **kwargs):
-        """Load a diffusers pipeline folder (never from a hub); ``pipeline_kwargs`` go to
-        ``DiffusionPipeline.from_pretrained`` (e.g. ``{"text_encoder_3": None, "tokenizer_3": None}``)."""
+        """Load a diffusers pipeline folder (never from a hub): transformer and text encoders in ``torch_dtype``, the
+        VAE in fp32 (as Flow-GRPO decodes). ``pipeline_kwargs`` go to ``DiffusionPipeline.from_pretrained`` (e.g.
+        ``{"text_encoder_3": None, "tokenizer_3": None}``)."""
+        import json
         import os
 
         from diffusers import DiffusionPipeline
 
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no diffusers pipeline folder at {path!r} (tempflow loads local folders only)")
-        import json
-
         # components saved as absent (e.g. SD3 without its T5) must be passed as None explicitly to diffusers
         index = json.load(open(os.path.join(path, "model_index.json")))
         absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
         pipe = DiffusionPipeline.from_pretrained(
             path, torch_dtype=torch_dtype, local_files_only=True, **{**absent, **(pipeline_kwargs or {})}
         ).to(device)
+        if pipe.vae is not None and pipe.vae.dtype != torch.float32:
+            pipe.vae.to(torch.float32)
         return cls.from_pipeline(pipe, **kwargs)
 
     def _encode_texts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,16 +147,18 @@ class SD3Model(_DiffusersModel):
 
     def _encode_texts(self, prompts):
         hidden, _, pooled, _ = self.pipeline.encode_prompt(
-            prompts, prompts, prompts, device=self.device, do_classifier_free_guidance=False
-        )
+            prompts, prompts, prompts, device=self.device, do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )  # fmt: skip
         return hidden.to(self.dtype), pooled.to(self.dtype)
 
     def forward_velocity(self, x, t, cond):
+        dtype = self.dtype
         return self.transformer(
-            hidden_states=x.to(self.dtype),
-            timestep=(t * 1000).to(self.dtype),
-            encoder_hidden_states=cond["hidden"],
-            pooled_projections=cond["pooled"],
+            hidden_states=x.to(dtype),
+            timestep=(t * 1000).to(dtype),
+            encoder_hidden_states=cond["hidden"].to(dtype),
+            pooled_projections=cond["pooled"].to(dtype),
         ).sample
 
 
@@ -156,26 +174,33 @@ class FluxModel(_DiffusersModel):
         ids = torch.zeros(self.h // 2, self.w // 2, 3)
         ids[..., 1] += torch.arange(self.h // 2)[:, None]
         ids[..., 2] += torch.arange(self.w // 2)[None, :]
-        self.image_ids = ids.reshape(-1, 3).to(self.device, self.dtype)
+        self.image_ids = ids.reshape(-1, 3).to(self.device)
         self.guidance_embeds = bool(getattr(transformer.config, "guidance_embeds", False))
 
     def time_grid(self, num_steps: int, device=None) -> sde.TimeGrid:
         return sde.flux_time_grid(num_steps, self.latent_shape[0], device=device)
 
     def _encode_texts(self, prompts):
-        hidden, pooled, _ = self.pipeline.encode_prompt(prompts, prompts, device=self.device)
+        hidden, pooled, _ = self.pipeline.encode_prompt(
+            prompts, prompts, device=self.device, max_sequence_length=self.max_sequence_length
+        )
         return hidden.to(self.dtype), pooled.to(self.dtype)
 
+    def native_resolution(self) -> int:
+        # diffusers' FluxPipeline: default_sample_size 128 latents x the VAE scale (1024 px for FLUX.1)
+        return int(getattr(self.pipeline, "default_sample_size", None) or 128) * self.vae_scale
+
     def forward_velocity(self, x, t, cond, guidance: torch.Tensor | None = None):
-        text_ids = torch.zeros(cond["hidden"].shape[1], 3, device=self.device, dtype=self.dtype)
+        dtype = self.dtype
+        text_ids = torch.zeros(cond["hidden"].shape[1], 3, device=self.device, dtype=dtype)
         return self.transformer(
-            hidden_states=x.to(self.dtype),
-            timestep=t.to(self.dtype),
+            hidden_states=x.to(dtype),
+            timestep=t.to(dtype),
             guidance=guidance,
-            pooled_projections=cond["pooled"],
-            encoder_hidden_states=cond["hidden"],
+            pooled_projections=cond["pooled"].to(dtype),
+            encoder_hidden_states=cond["hidden"].to(dtype),
             txt_ids=text_ids,
-            img_ids=self.image_ids,
+            img_ids=self.image_ids.to(dtype),
         ).sample
 
     def velocity(self, x, t, cond, index, guidance=None):

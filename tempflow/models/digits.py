@@ -113,16 +113,28 @@ class DigitsModel(FlowModel):
         self.device = torch.device(device)
 
     @classmethod
-    def load(cls, path: str = WEIGHTS, device="cpu") -> DigitsModel:
+    def load(cls, path: str = WEIGHTS, device="cpu", dtype=torch.float32, height: int | None = None,
+             width: int | None = None, attention: str = "sdpa") -> DigitsModel:  # fmt: skip
+        """The shipped weights (or ``path``); ``dtype`` casts the transformer (the trained module), ``height`` /
+        ``width`` must be the model's 16 pixels when given."""
         from safetensors.torch import load_file
+
+        from .diffusers_models import set_attention
 
         meta = os.path.splitext(path)[0] + ".json"
         if not os.path.exists(path) or not os.path.exists(meta):
             raise FileNotFoundError(f"digits model not found at {path}; rebuild it with `tempflow pretrain digits`")
         cfg = DigitsConfig(**json.load(open(meta))["config"])
+        for name, size in (("height", height), ("width", width)):
+            if size not in (None, 0, cfg.image_size):
+                raise ValueError(f"the digits model makes {cfg.image_size}x{cfg.image_size} images; {name}={size} is "
+                                 f"not possible (leave resolution unset or {cfg.image_size})")  # fmt: skip
         model = cls(cfg, device="cpu")
         model.net.load_state_dict(load_file(path))
         model.net.to(device).eval()
+        if dtype != torch.float32:
+            model.net.transformer.to(dtype)
+        set_attention(model.net.transformer, attention)
         model.device = torch.device(device)
         return model
 

@@ -52,6 +52,18 @@ class Runtime:
         dist.all_reduce(t)
         return float(t.item())
 
+    def all_sum_dict(self, values: dict[str, float]) -> dict[str, float]:
+        """Sum each named value over ranks in one collective (a name missing on a rank counts 0 there)."""
+        total: dict[str, float] = {}
+        for part in self.all_gather({k: float(v) for k, v in values.items()}):
+            for k, v in part.items():
+                total[k] = total.get(k, 0.0) + v
+        return total
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on one (a stop requested by one rank's callback stops all)."""
+        return self.all_sum(1.0 if flag else 0.0) > 0
+
     def all_gather(self, obj) -> list:
         """Every rank's ``obj`` (small, picklable: e.g. a tuple of CPU tensors), in rank order."""
         if self.world == 1:

@@ -1,9 +1,10 @@
 """The trainer: rollout with the engine -> advantages -> the fused K-action loss over the trained states -> AdamW
-with gradient clipping -> EMA of the trainable weights -> metrics -> atomic checkpoint.
+with gradient clipping -> EMA of the trainable weights -> metrics -> held-out evaluation -> atomic checkpoint.
 
 Read it top to bottom in :func:`train`; the maths lives in small tested functions (tempflow.train.advantages,
 tempflow.objective, tempflow.ops.branch_grpo_loss, tempflow.sde.noise_aware_weights) and the multi-process
-parts in tempflow.train.distributed (one process, or DeepSpeed ZeRO-2/3 ranks: the same loop).
+parts in tempflow.train.distributed (one process, or DeepSpeed ZeRO-2/3 ranks: the same loop). Nothing here knows
+which model, prompts or rewards it trains with: they come in as a FlowModel adapter, a PromptSource and a reward.
 """
 
 from __future__ import annotations
@@ -12,127 +13,81 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
 
-from .. import ops, rng, sde
+from .. import ops, sde
 from .._io import atomic_torch_save
-from ..rollout import BranchPlan, RolloutConfig, rollout
+from ..models.registry import DTYPES
+from ..prompts import load_prompts
+from ..rewards.registry import build_reward
+from ..rollout import rollout
+from ..rollout.keys import order_keys
 from . import distributed
 from .advantages import flow_grpo_advantages, signal_rows, tempflow_advantages
+from .config import SettingError, TrainConfig
+from .evaluation import evaluate
 
-ORDER_TAG = 0x7F4A_0D3E  # stream id tag of the training-order hash (disjoint from sampling noise streams)
-
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a run; printed at start and saved with the run (config.json)."""
-
-    method: str = _f("tempflow", "tempflow (branching, process rewards) or flow-grpo (SDE trajectories)")
-    steps: int = _f(10, "sampling steps T")
-    branches: int = _f(6, "K branches per branch step (tempflow)")
-    seeds_per_prompt: int = _f(4, "N seeds per prompt (tempflow) or G trajectories per prompt (flow-grpo)")
-    prompts_per_iteration: int = _f(2, "prompts rolled out per iteration")
-    iterations: int = _f(60, "training iterations (rollout + update)")
-    group: str = _f(
-        "seed",
-        "advantage group of tempflow: seed | prompt | global; of flow-grpo: prompt (per-prompt "
-        "std), otherwise the global std",
-    )
-    weighting: bool = _f(True, "noise-aware weighting of the policy term (tempflow)")
-    noise_level: float = _f(0.7, "SDE noise level a")
-    schedule: str = _f("flow-grpo", "SDE noise schedule: flow-grpo | cps | dance (ALGORITHM.md section 1)")
-    guidance: float = _f(2.0, "classifier-free guidance in sampling and training")
-    clip_eps: float = _f(1e-3, "PPO clip range of the ratio (log-probs are averaged, so it is small)")
-    beta: float = _f(0.0, "weight of the exact KL to the LoRA-disabled base model")
-    lr: float = _f(3e-4, "AdamW learning rate")
-    lora_rank: int = _f(16, "LoRA rank (0: full fine-tuning)")
-    lora_alpha: int = _f(32, "LoRA alpha")
-    grad_clip: float = _f(1.0, "gradient norm clip")
-    states_per_step: int = _f(
-        6,
-        "trained (seed, step) states per optimizer step (6: 12 updates per default "
-        "iteration; 36, 2 updates, learned slower in bench/bench_train.py)",
-    )
-    ema: float = _f(0.9, "EMA decay of the trainable weights (0 disables)")
-    max_batch: int = _f(32, "rollout engine's maximum batch per model call")
-    seed: int = _f(0, "run seed (noise streams, prompt order)")
-    precision: str = _f("fp32", "weights of the denoiser: fp32 | bf16 | fp16 (trainable weights and loss maths fp32)")
-    grad_checkpointing: bool = _f(False, "recompute the transformer's activations in backward (less memory)")
-    zero_stage: int = _f(-1, "DeepSpeed ZeRO stage 2 or 3; 0: none (one process); -1: 3 when launched on several")
-    out: str = _f("runs/digits", "output folder: config, metrics.jsonl, checkpoint.pt")
-    checkpoint_every: int = _f(10, "iterations between checkpoints, reward-curve PNGs and sample grids")
-    tensorboard: bool = _f(False, "also log metrics to TensorBoard (<out>/tensorboard; needs tensorboard)")
-    wandb: str = _f("", "also log metrics to this Weights & Biases project (needs wandb)")
-
-    def validate(self) -> None:
-        if self.method not in ("tempflow", "flow-grpo"):
-            raise ValueError(f"method must be tempflow or flow-grpo, got {self.method!r}")
-        for name in ("steps", "branches", "seeds_per_prompt", "prompts_per_iteration", "iterations",
-                     "states_per_step", "max_batch"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if self.zero_stage not in (-1, 0, 2, 3):
-            raise ValueError(f"zero_stage must be -1 (auto), 0, 2 or 3, got {self.zero_stage}")
-        if self.schedule not in sde.SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(sde.SCHEDULES)}, got {self.schedule!r}")
-        if self.group not in ("seed", "prompt", "global"):
-            raise ValueError(f"group must be seed, prompt or global, got {self.group!r}")
-
-    def resolved_zero_stage(self) -> int:
-        if self.zero_stage == -1:
-            return 3 if distributed.launched_world_size() > 1 else 0
-        return self.zero_stage
-
-    @classmethod
-    def help(cls) -> str:
-        return "\n".join(f"  {f.name} = {f.default!r}: {f.metadata['help']}" for f in fields(cls))
+__all__ = [
+    "TrainConfig",
+    "SettingError",
+    "train",
+    "load_run",
+    "run_checkpoint",
+    "put_weights",
+    "run_config",
+    "advantages",
+    "prepare",
+]
 
 
-def plan_for(cfg: TrainConfig) -> BranchPlan:
-    if cfg.method == "tempflow":
-        return BranchPlan.tempflow(cfg.steps, cfg.branches)
-    return BranchPlan.flow_grpo(cfg.steps, range(cfg.steps - 1))
+def run_checkpoint(run: str) -> dict:
+    """A run's checkpoint.pt: trained weights (``params``), ``ema``, ``iteration``, ``config``."""
+    path = os.path.join(run, "checkpoint.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint in {run!r}: train first (tempflow train --set out={run})")
+    return torch.load(path, weights_only=False)
 
 
-def prompts_for(iteration: int, cfg: TrainConfig) -> tuple[list[str], torch.Tensor]:
-    """The iteration's digit prompts: a seeded walk over 0..9, so a resumed run sees the same ones."""
-    from ..models.digits import prompt_for
-
-    g = torch.Generator().manual_seed(cfg.seed * 100_003 + iteration)
-    digits = torch.randperm(10, generator=g)[: cfg.prompts_per_iteration]
-    ids = digits + 10 * iteration  # global ids for the noise streams: fresh noise every iteration
-    return [prompt_for(int(d)) for d in digits], ids
+def put_weights(model, weights, source: str = "the checkpoint") -> None:
+    """Copy trained tensors (a checkpoint's ``params`` or ``ema``) into the model's trainable parameters."""
+    params = list(model.trainable_parameters())
+    if len(params) != len(weights) or any(p.shape != w.shape for p, w in zip(params, weights, strict=False)):
+        raise ValueError(f"{source} holds {len(weights)} trained tensors that do not fit this model's {len(params)} "
+                         "trainable ones: was it trained on another model, or with another lora_rank?")  # fmt: skip
+    with torch.no_grad():
+        for p, v in zip(params, weights, strict=True):
+            p.copy_(v)
 
 
 def load_run(model, run: str, use_ema: bool = False):
     """Put a run's trained weights (its checkpoint.pt; the EMA copy with ``use_ema``) into ``model``."""
-    path = os.path.join(run, "checkpoint.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint in {run!r}: train first (tempflow train --set out={run})")
-    state = torch.load(path, weights_only=False)
+    state = run_checkpoint(run)
     cfg = state["config"]
     if cfg["lora_rank"] > 0:
         model.use_lora(cfg["lora_rank"], cfg["lora_alpha"])
     weights = state["ema"] if use_ema and state["ema"] is not None else state["params"]
-    with torch.no_grad():
-        for p, v in zip(model.trainable_parameters(), weights, strict=True):
-            p.copy_(v)
+    put_weights(model, weights, os.path.join(run, "checkpoint.pt"))
     return model
 
 
+def run_config(run: str) -> TrainConfig:
+    """The settings a run was trained with (its config.json)."""
+    path = os.path.join(run, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run!r} is not a tempflow run folder: no config.json (train one with tempflow train)")
+    with open(path) as fh:
+        return TrainConfig.from_dict(json.load(fh), source=path)
+
+
 def prepare(model, cfg: TrainConfig) -> None:
-    """Precision, LoRA adapters (or a frozen reference copy for full fine-tuning with KL), gradient checkpointing."""
-    if cfg.precision != "fp32":
-        model.trained_module().to({"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision])
+    """Weight dtype, LoRA adapters (or a frozen reference copy for full fine-tuning with KL), gradient checkpointing."""
+    dtype = DTYPES[cfg.dtype]
+    module = model.trained_module()
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype)
     if cfg.lora_rank > 0:
         model.use_lora(cfg.lora_rank, cfg.lora_alpha)
     elif cfg.beta:
@@ -144,27 +99,27 @@ def prepare(model, cfg: TrainConfig) -> None:
         for p in model.trainable_parameters():  # low-precision base weights, fp32 trainable weights (no DeepSpeed)
             p.data = p.data.float()
     if cfg.grad_checkpointing:
-        module = model.trained_module()
         if not hasattr(module, "enable_gradient_checkpointing"):
             raise ValueError(f"{type(module).__name__} has no gradient checkpointing; set grad_checkpointing=false")
         module.enable_gradient_checkpointing()
 
 
 class MetricsLog:
-    """metrics.jsonl, plus TensorBoard and wandb when asked; only the main rank writes."""
+    """metrics.jsonl, plus TensorBoard and wandb when asked; only the main rank writes. ``kept``: the lines of an
+    earlier run kept on resume (those up to the checkpoint's iteration)."""
 
     def __init__(self, cfg: TrainConfig, active: bool, start_iteration: int = 0):
         self.path = os.path.join(cfg.out, "metrics.jsonl")
-        self.active, self.tb, self.wandb = active, None, None
+        self.active, self.tb, self.wandb, self.kept = active, None, None, []
         if not active:
             return
         # keep the lines up to the checkpoint being resumed from (a crash after writing a line but before the next
         # checkpoint would otherwise leave it twice); a fresh run starts a fresh file
-        kept = []
         if start_iteration and os.path.exists(self.path):
-            kept = [line for line in open(self.path) if json.loads(line)["iteration"] <= start_iteration]
+            lines = [json.loads(line) for line in open(self.path) if line.strip()]
+            self.kept = [m for m in lines if m["iteration"] <= start_iteration]
         with open(self.path + ".tmp", "w") as fh:
-            fh.writelines(kept)
+            fh.writelines(json.dumps(m) + "\n" for m in self.kept)
         os.replace(self.path + ".tmp", self.path)
         if cfg.tensorboard:
             try:
@@ -177,7 +132,7 @@ class MetricsLog:
                 import wandb
             except ImportError as exc:
                 raise ImportError(f"wandb={cfg.wandb!r} needs wandb: pip install wandb") from exc
-            self.wandb = wandb.init(project=cfg.wandb, config=asdict(cfg), dir=cfg.out)
+            self.wandb = wandb.init(project=cfg.wandb, config=cfg.to_dict(), dir=cfg.out)
 
     def write(self, metrics: dict) -> None:
         if not self.active:
@@ -185,54 +140,108 @@ class MetricsLog:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
         step = metrics["iteration"]
-        for k, v in metrics.items():
-            if self.tb is not None and k != "iteration":
-                self.tb.add_scalar(k, v, step)
         if self.tb is not None:
+            for k, v in metrics.items():
+                if k != "iteration":
+                    self.tb.add_scalar(k, v, step)
             self.tb.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
+    def image(self, name: str, grid_png: str, step: int) -> None:
+        """A sample grid (the PNG just written) in TensorBoard / wandb too."""
+        if not self.active or (self.tb is None and self.wandb is None):
+            return
+        import numpy as np
+        from PIL import Image
 
-def train(model, reward_fn, cfg: TrainConfig, resume: bool = False, log=print, evaluate=None) -> dict:
-    """Run ``cfg.iterations`` iterations on ``model`` (a FlowModel adapter); returns the last metrics. Launched on
-    several processes (deepspeed / torchrun), each rank runs this same function on its share of the prompts."""
-    cfg.validate()
+        pixels = np.asarray(Image.open(grid_png).convert("RGB"))
+        if self.tb is not None:
+            self.tb.add_image(name, pixels, step, dataformats="HWC")
+            self.tb.flush()
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Image(pixels)}, step=step)
+
+
+def train(model, prompts, reward, cfg: TrainConfig, *, eval_prompts=None, eval_reward=None, resume: bool = False,
+          log=print, callback: Callable | None = None) -> dict:  # fmt: skip
+    """Fine-tune ``model`` (a FlowModel adapter) for ``cfg.iterations`` iterations; returns the last metrics.
+
+    Args:
+        prompts: the training prompts: a :class:`~tempflow.prompts.PromptSource`, ``"digits"``, a .txt / .jsonl
+            path or a list of strings (each iteration draws ``cfg.prompts_per_iteration`` of them, in epochs).
+        reward: any reward ``(images, prompts, metadata) -> (B,)`` or a reward setting (a name, an import path, a
+            mapping name -> weight; see tempflow.rewards.registry). Its named values are logged as ``reward/<name>``.
+        eval_prompts, eval_reward: the held-out prompts (same forms; None: no evaluation) and their reward (None:
+            ``reward``), evaluated before training, every ``cfg.eval_every`` iterations and at the end.
+        callback: ``callback(model, metrics) -> bool`` after each iteration's update; True stops the run (after a
+            checkpoint).
+
+    Launched on several processes (deepspeed / torchrun), each rank runs this same function on its share of the
+    prompts.
+    """
+    started = time.perf_counter()
+    world = distributed.launched_world_size()
+    if cfg.prompts_per_iteration % world:
+        raise SettingError(f"prompts_per_iteration={cfg.prompts_per_iteration} must be a multiple of the {world} "
+                           "ranks (prompts are sharded whole; every rank must make the same model calls)")  # fmt: skip
     torch.manual_seed(cfg.seed)
+    device = str(getattr(model, "device", "cpu"))
+    prompts = load_prompts(prompts)
+    reward = build_reward(reward, device=device)
+    eval_prompts = load_prompts(eval_prompts) if eval_prompts is not None else None
+    eval_reward = reward if eval_reward is None else build_reward(eval_reward, device=device)
     prepare(model, cfg)
     params = list(model.trainable_parameters())
-    rt, opt = distributed.start(model, params, lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, weight_decay=0.0),
-                                cfg.resolved_zero_stage(), cfg.grad_clip, cfg.precision)  # fmt: skip
-    if cfg.prompts_per_iteration % rt.world:
-        raise ValueError(f"prompts_per_iteration={cfg.prompts_per_iteration} must be a multiple of the {rt.world} "
-                         "ranks (prompts are sharded whole; every rank must make the same model calls)")  # fmt: skip
+    make_opt = lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rt, opt = distributed.start(model, params, make_opt, cfg.resolved_zero_stage(), cfg.grad_clip, cfg.dtype)
     if not rt.is_main:
         log = _quiet
     else:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as fh:
-            json.dump(asdict(cfg), fh, indent=2)
+            json.dump(cfg.to_dict(), fh, indent=2)
     rt.barrier()
     ema = [rt.local(p).detach().float().clone() for p in params] if cfg.ema > 0 else None
-    plan = plan_for(cfg)
-    grid = model.time_grid(cfg.steps)
-    table = sde.sde_table(grid, cfg.schedule, cfg.noise_level)
-    weights = sde.noise_aware_weights(table, plan.sde_steps) if cfg.weighting else torch.ones(cfg.steps)
+    plan, rcfg = cfg.plan(), cfg.rollout_config()
+    table = sde.sde_table(model.time_grid(cfg.steps, device=device), cfg.schedule, cfg.noise_level)
+    weights = sde.noise_aware_weights(table, plan.sde_steps) if cfg.weighting else torch.ones(cfg.steps, device=device)
     ckpt = os.path.join(cfg.out, "checkpoint.pt")
     start_iter = 0
     if resume and os.path.exists(ckpt):
         start_iter, ema = _load_checkpoint(ckpt, rt, params, opt, ema)
         log(f"resumed from {ckpt} at iteration {start_iter}")
     metrics_log = MetricsLog(cfg, rt.is_main, start_iter)
+    evals = {m["iteration"]: _eval_values(m) for m in metrics_log.kept if "eval/reward" in m}
+
+    def held_out(iteration: int) -> dict:
+        t0 = time.perf_counter()
+        guidance = cfg.guidance if cfg.eval_guidance is None else cfg.eval_guidance
+        result = evaluate(model, eval_prompts, eval_reward, cfg.eval_steps, guidance, cfg.eval_per_prompt,
+                          cfg.eval_seed, cfg.max_batch, rt)  # fmt: skip
+        evals[iteration] = result.values
+        if rt.is_main and result.grid is not None:
+            from .plots import save_grid
+
+            path = os.path.join(cfg.out, "samples", f"iteration{iteration:05d}.png")
+            save_grid(result.grid, result.columns, path, scale=max(1, 128 // result.grid.shape[-1]))
+            metrics_log.image("eval/samples", path, iteration)
+        base = evals.get(0)
+        log(f"held-out ({result.samples} samples, T={cfg.eval_steps}) at iteration {iteration}: "
+            + ", ".join(f"{k} {v:.4g}" + (f" ({v - base[k]:+.4g})" if base and iteration and k in base else "")
+                        for k, v in result.values.items()))  # fmt: skip
+        return {**{f"eval/{k}": v for k, v in result.values.items()}, "eval_s": time.perf_counter() - t0}
+
+    if eval_prompts is not None and start_iter == 0:
+        metrics_log.write({"iteration": 0, **held_out(0)})
     metrics, spent = {}, 0.0
     for it in range(start_iter, cfg.iterations):
         t0 = time.perf_counter()
-        prompts, ids = prompts_for(it, cfg)
+        texts, meta, ids = prompts.draw(it, cfg.prompts_per_iteration, cfg.seed)
         mine = slice(rt.rank, None, rt.world)  # whole prompts per rank
-        rcfg = RolloutConfig(plan=plan, seeds_per_prompt=cfg.seeds_per_prompt, guidance=cfg.guidance,
-                             noise_level=cfg.noise_level, schedule=cfg.schedule, seed=cfg.seed,
-                             max_batch=cfg.max_batch)  # fmt: skip
-        batch = rollout(model, prompts[mine], reward_fn, rcfg, prompt_ids=ids[mine])
+        batch = rollout(model, texts[mine], reward, rcfg, prompt_ids=ids[mine], metadata=meta[mine])
         t1 = time.perf_counter()
         adv = advantages(batch, cfg, rt)
         loss, kl, n_states = _update(model, batch, adv, plan, table, weights, cfg, opt, params, rt, it)
@@ -241,29 +250,49 @@ def train(model, reward_fn, cfg: TrainConfig, resume: bool = False, log=print, e
                 for e, p in zip(ema, params, strict=True):
                     e.mul_(cfg.ema).add_(rt.local(p).detach().float(), alpha=1 - cfg.ema)
         t2 = time.perf_counter()
-        rows = rt.all_sum(len(batch))
-        last = batch.step == batch.step.max()
-        metrics = {
-            "iteration": it + 1,
-            "reward": rt.all_sum(batch.reward.sum().item()) / rows,
-            "final_reward": rt.all_sum(batch.reward[last].sum().item()) / rt.all_sum(int(last.sum())),
-            "loss": loss,
-            "kl": kl,
-            "trained_states": n_states,
-            "rollout_s": t1 - t0,
-            "train_s": t2 - t1,
-        }
-        metrics_log.write(metrics)
+        metrics = {"iteration": it + 1, **_reward_metrics(batch, rt), "loss": loss, "kl": kl,
+                   "trained_states": n_states, "rollout_s": t1 - t0, "train_s": t2 - t1}  # fmt: skip
         spent += t2 - t0
         left = spent / (it + 1 - start_iter) * (cfg.iterations - it - 1)
-        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "iteration")
-        log(f"[{it + 1}/{cfg.iterations} eta {left:.0f}s] {shown}")
-        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+        log(f"[{it + 1}/{cfg.iterations} eta {left:.0f}s] " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                                                         if k != "iteration"))  # fmt: skip
+        stop = rt.any(bool(callback(model, dict(metrics)))) if callback is not None else False
+        last = it + 1 == cfg.iterations or stop
+        if eval_prompts is not None and (last or (cfg.eval_every and (it + 1) % cfg.eval_every == 0)):
+            metrics.update(held_out(it + 1))
+        metrics_log.write(metrics)
+        if (it + 1) % cfg.checkpoint_every == 0 or last:
             _save_checkpoint(ckpt, rt, params, opt, ema, it + 1, cfg)
-            _report(model, cfg, metrics_log.path, rt)
-        if evaluate is not None:
-            evaluate(model, it + 1)
+            if rt.is_main:
+                _reward_curve(cfg, metrics_log.path)
+        if stop:
+            log(f"stopped by the callback after iteration {it + 1}")
+            break
+    if rt.is_main and evals:
+        first, final = min(evals), max(evals)
+        summary = {"base_iteration": first, "base": evals[first], "final_iteration": final, "final": evals[final],
+                   "seconds": time.perf_counter() - started}  # fmt: skip
+        with open(os.path.join(cfg.out, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=2)
     return metrics
+
+
+def _eval_values(line: dict) -> dict:
+    return {k[len("eval/") :]: v for k, v in line.items() if k.startswith("eval/")}
+
+
+def _reward_metrics(batch, rt) -> dict:
+    """The iteration's mean reward over rows and over the rows of the last trained step, and the mean of each of
+    the reward's named values over the finished paths, summed over ranks in one collective."""
+    last = batch.step == batch.step.max()
+    sums = {"reward": batch.reward.sum().item(), "rows": float(len(batch)),
+            "final_reward": batch.reward[last].sum().item(), "final_rows": float(last.sum()),
+            "paths": float(batch.images.shape[0])}  # fmt: skip
+    sums.update({f"reward/{k}": v.float().sum().item() for k, v in batch.scores.items()})
+    tot = rt.all_sum_dict(sums)
+    out = {"reward": tot["reward"] / tot["rows"], "final_reward": tot["final_reward"] / tot["final_rows"]}
+    out.update({k: v / tot["paths"] for k, v in tot.items() if k.startswith("reward/")})
+    return out
 
 
 def _quiet(*_args, **_kwargs) -> None:
@@ -275,29 +304,26 @@ def advantages(batch, cfg: TrainConfig, rt: distributed.Runtime | None = None) -
     this rank's rows. Only the four small columns travel, not the latents."""
     rt = rt or distributed.Runtime()
     names = ("prompt_id", "seed_index", "step", "reward")
-    cols = tuple(getattr(batch, n) for n in names)
-    parts = rt.all_gather(cols if rt.world == 1 else tuple(c.cpu() for c in cols))  # one collective for all four
+    parts = rt.all_gather(tuple(getattr(batch, n).cpu() for n in names))  # one collective for all four
     full = SimpleNamespace(**{n: torch.cat([p[i] for p in parts]) for i, n in enumerate(names)})
     if cfg.method == "tempflow":
-        adv = tempflow_advantages(full, cfg.group)
+        adv = tempflow_advantages(full, cfg.group, clip=cfg.adv_clip)
     else:
-        adv = flow_grpo_advantages(full, "prompt" if cfg.group == "prompt" else "global")
+        adv = flow_grpo_advantages(full, "prompt" if cfg.group == "prompt" else "global", clip=cfg.adv_clip)
     lo = sum(len(p[0]) for p in parts[: rt.rank])
     return adv[lo : lo + len(batch)].to(batch.reward.device)
 
 
 def training_order(batch, first: torch.Tensor, iteration: int, seed: int) -> torch.Tensor:
-    """A 64-bit hash of (iteration, prompt id, seed, step) for each trained state: sorting by it gives an order that
-    does not depend on which rank holds a state, so an optimizer step covers the same states on 1 or N ranks."""
-    ids = torch.stack([torch.full_like(first, ORDER_TAG), torch.full_like(first, iteration), batch.prompt_id[first],
-                       batch.seed_index[first], batch.step[first]], dim=-1)  # fmt: skip
-    return rng.stream_keys(seed, ids)
+    """The order keys of the trained states (rows ``first``): sorting by them gives an order that does not depend on
+    which rank holds a state, so an optimizer step covers the same states on 1 or N ranks."""
+    return order_keys(seed, iteration, batch.prompt_id[first], batch.seed_index[first], batch.step[first])
 
 
 def _update(model, batch, adv, plan, table, weights, cfg, opt, params, rt, iteration):
     """One pass over the trained states in optimizer steps of ``states_per_step``; one forward per (seed, step)
     state serves its K actions. Returns the mean loss, the mean KL and the number of states (over all ranks)."""
-    keep = signal_rows(batch, adv)
+    keep = signal_rows(batch, adv.cpu())  # index columns live on the CPU, latents on the model's device
     K = plan.K
     rows = torch.nonzero(keep).flatten().view(-1, K)  # rows of one state are consecutive (sorted by branch)
     first = rows[:, 0]
@@ -342,7 +368,7 @@ def _save_checkpoint(path, rt, params, opt, ema, iteration, cfg) -> None:
     with rt.gathered(params):
         full = [p.detach().float().clone() for p in params]
     state = {"params": full, "ema": rt.gather_full(params, ema) if ema is not None else None,
-             "iteration": iteration, "config": asdict(cfg), "world": rt.world}  # fmt: skip
+             "iteration": iteration, "config": cfg.to_dict(), "world": rt.world}  # fmt: skip
     if rt.engine is None:
         state["optimizer"] = opt.state_dict()
     else:
@@ -380,21 +406,11 @@ def _load_checkpoint(path, rt, params, opt, ema):
     return state["iteration"], ema
 
 
-def _report(model, cfg: TrainConfig, metrics_path: str, rt) -> None:
-    """The reward curve so far (reward_curve.png) and a grid of the current policy's samples (samples.png). Every
-    rank samples (ZeRO-3 forwards are collective); the main rank writes."""
-    from ..models.base import sample
-    from .plots import line_chart, moving_average, save_grid
+def _reward_curve(cfg: TrainConfig, metrics_path: str) -> None:
+    """reward_curve.png: the mean training reward per iteration so far, and its moving average."""
+    from .plots import line_chart, moving_average
 
-    if rt.is_main:
-        rewards = [json.loads(line)["reward"] for line in open(metrics_path)]
+    rewards = [m["reward"] for m in map(json.loads, open(metrics_path)) if "reward" in m]
+    if rewards:
         line_chart({"reward": rewards, "moving average (10)": moving_average(rewards)},
                    os.path.join(cfg.out, "reward_curve.png"), title="mean reward per iteration")  # fmt: skip
-    if hasattr(model, "decode"):
-        from ..models.digits import prompt_for
-
-        prompts = [prompt_for(d) for d in range(10) for _ in range(4)]
-        with torch.no_grad():
-            images = model.decode(sample(model, prompts, cfg.steps, cfg.guidance, seed=cfg.seed + 1))
-        if rt.is_main:
-            save_grid(images, 4, os.path.join(cfg.out, "samples.png"))

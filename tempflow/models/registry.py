@@ -1,0 +1,122 @@
+"""Model families by name: ``load_model("digits")`` or ``load_model("/models/stable-diffusion-3.5-medium")``.
+
+A local diffusers folder's family is read from its ``model_index.json`` (the pipeline class and the transformer
+class) and matched against the registered families; a new adapter registers here with :func:`register_family`
+and nothing else in tempflow changes (the engine and the trainer see only the FlowModel protocol).
+
+Every family takes the same loading options: ``device``, ``dtype`` (the denoiser's and text encoders' weights:
+fp32 | bf16 | fp16; trainable LoRA weights are made fp32 by the trainer), ``height`` / ``width`` (None: the
+model's own default size), ``attention`` (sdpa | xformers | flash) and ``max_sequence_length`` (T5 tokens;
+families without T5 ignore it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .base import FlowModel
+
+__all__ = ["Family", "FAMILIES", "register_family", "detect_family", "load_model", "DTYPES"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Family:
+    """``matches(model_index) -> bool`` recognises a folder; ``load(path, **options) -> FlowModel`` builds it."""
+
+    name: str
+    description: str
+    matches: Callable[[dict], bool]
+    load: Callable[..., FlowModel]
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(name: str, description: str, matches: Callable[[dict], bool], load: Callable[..., FlowModel]):
+    """Register a model family (later registrations are tried first, so a specific family can refine a general
+    one)."""
+    FAMILIES[name] = Family(name, description, matches, load)
+    return FAMILIES[name]
+
+
+def _transformer_class(index: dict) -> str:
+    entry = index.get("transformer")
+    return entry[1] if isinstance(entry, list) and len(entry) == 2 and entry[1] else ""
+
+
+def _load_sd3(path, **options):
+    from .diffusers_models import SD3Model
+
+    return SD3Model.from_pretrained(path, **options)
+
+
+def _load_flux(path, **options):
+    from .diffusers_models import FluxModel
+
+    return FluxModel.from_pretrained(path, **options)
+
+
+def _has_transformer(name: str) -> Callable[[dict], bool]:
+    return lambda index: _transformer_class(index) == name
+
+
+register_family("sd3", "SD3 / SD3.5 (SD3Transformer2DModel)", _has_transformer("SD3Transformer2DModel"), _load_sd3)
+register_family("flux", "FLUX.1 (FluxTransformer2DModel)", _has_transformer("FluxTransformer2DModel"), _load_flux)
+
+
+def _read_index(path: str) -> dict:
+    if not os.path.isdir(path):
+        what = "a file" if os.path.exists(path) else "not found"
+        raise FileNotFoundError(f"model {path!r}: {what}; give 'digits' (the embedded default) or a local diffusers "
+                                "pipeline folder (tempflow downloads nothing)")  # fmt: skip
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_path):
+        listing = ", ".join(sorted(os.listdir(path))[:8]) or "nothing"
+        raise FileNotFoundError(f"model {path!r} is not a diffusers pipeline folder: no model_index.json (found "
+                                f"{listing}); save one with pipeline.save_pretrained(folder)")  # fmt: skip
+    try:
+        with open(index_path) as fh:
+            index = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{index_path} is not valid JSON ({exc.msg}, line {exc.lineno})") from exc
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_path} is not a JSON object")
+    return index
+
+
+def detect_family(path: str) -> Family:
+    """The registered family of a local diffusers folder, or an error saying what the folder holds."""
+    index = _read_index(path)
+    for family in reversed(FAMILIES.values()):
+        if family.matches(index):
+            return family
+    found = f"pipeline {index.get('_class_name') or '(no _class_name)'} with transformer "
+    found += _transformer_class(index) or "(none listed)"
+    known = "; ".join(f.description for f in FAMILIES.values())
+    raise ValueError(f"model {path!r}: model_index.json describes {found}, which no tempflow adapter handles "
+                     f"(supported: {known}; register one with tempflow.models.register_family)")  # fmt: skip
+
+
+def load_model(spec: str = "digits", device="cpu", dtype="fp32", height: int | None = None, width: int | None = None,
+               attention: str = "sdpa", max_sequence_length: int = 128, **kwargs) -> FlowModel:  # fmt: skip
+    """``"digits"`` (the embedded default) or a local diffusers folder of a registered family. ``dtype``: fp32 |
+    bf16 | fp16 or a torch dtype; other keyword arguments go to the family's loader."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    dtype = kwargs.pop("torch_dtype", dtype)
+    if spec == "digits":
+        from .digits import DigitsModel
+
+        return DigitsModel.load(device=device, dtype=dtype, height=height, width=width, attention=attention)
+    family = detect_family(spec)
+    return family.load(spec, device=device, torch_dtype=dtype, height=height, width=width, attention=attention,
+                       max_sequence_length=max_sequence_length, **kwargs)  # fmt: skip
