@@ -19,6 +19,7 @@ train ...`` (each sets RANK / WORLD_SIZE / LOCAL_RANK); on CPU the ranks talk ov
 
 from __future__ import annotations
 
+import atexit
 import os
 from contextlib import contextmanager
 
@@ -146,6 +147,11 @@ def deepspeed_config(zero_stage: int, grad_clip: float, precision: str) -> dict:
     return cfg
 
 
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def start(model, params, make_optimizer, zero_stage: int, grad_clip: float, precision: str = "fp32"):
     """The run's :class:`Runtime` and optimizer. ``zero_stage`` 0 runs alone (an error if launched on several
     processes); 2 or 3 hands ``model.transformer`` and the trainable ``params`` to DeepSpeed."""
@@ -173,6 +179,9 @@ def start(model, params, make_optimizer, zero_stage: int, grad_clip: float, prec
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
+    # Destroy the process group while the interpreter is still whole: left to interpreter shutdown, gloo's worker
+    # threads can abort the process ("terminate called without an active exception", pytorch/pytorch#190489).
+    atexit.register(_destroy_process_group)
     if not on_cpu:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     engine, opt, _, _ = deepspeed.initialize(
