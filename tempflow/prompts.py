@@ -59,12 +59,6 @@ class PromptSource:
             picks.append(int(orders[pos // n][pos % n]))
         return [self.prompts[i] for i in picks], [self.metadata[i] for i in picks], ids
 
-    def take(self, count: int) -> PromptSource:
-        """The first ``count`` prompts (all when ``count`` is 0 or larger)."""
-        if count <= 0 or count >= len(self.prompts):
-            return self
-        return PromptSource(self.prompts[:count], self.metadata[:count], self.name)
-
 
 def digits_prompts() -> PromptSource:
     """The embedded default's prompts: "a handwritten 0" .. "a handwritten 9", metadata ``{"digit": d}``."""

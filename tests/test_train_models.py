@@ -102,16 +102,15 @@ def test_example_config_on_a_tiny_model_of_its_family(config, tiny, tmp_path, ca
         sets.append(f"reward={{pickscore: {{weight: 1.0, path: {tiny['clip']}}}}}")
     try:
         run_cli("train", "--config", path, *[a for s in sets for a in ("--set", s)])
+        check_run(out, tiny[family], tiny["jsonl" if "geneval" in config else "txt"], parts)
+        run_cli("eval", "--run", out, "--steps", "2")  # the run's model, prompts and rewards (the server's too)
     finally:
         if server is not None:
             server.close()
-    check_run(out, tiny[family], tiny["jsonl" if "geneval" in config else "txt"], parts)
-    if server is None:  # the GenEval server is gone: eval rebuilds the run's rewards, so it needs the server
-        run_cli("eval", "--run", out, "--steps", "2")
-        results = json.load(open(os.path.join(out, "eval.json")))["results"]["T2"]
-        assert set(results) == {"base", "final", "ema"} and set(parts) <= set(results["final"])
-        first = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
-        assert results["base"]["reward"] == pytest.approx(first["eval/reward"], rel=1e-5, abs=1e-6)
+    results = json.load(open(os.path.join(out, "eval.json")))["results"]["T2"]
+    assert set(results) == {"base", "final", "ema"} and set(parts) <= set(results["final"])
+    first = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
+    assert results["base"]["reward"] == pytest.approx(first["eval/reward"], rel=1e-5, abs=1e-6)
 
 
 def _free_port() -> int:

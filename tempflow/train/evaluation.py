@@ -49,9 +49,12 @@ def evaluate(model: FlowModel, prompts: PromptSource, reward, steps: int = 40, g
     which = (pos // per_prompt).tolist()
     texts = [prompts.prompts[i] for i in which]
     meta = [prompts.metadata[i] for i in which]
-    columns = min(per_prompt, GRID_COLUMNS) if per_prompt > 1 else min(len(prompts), 2 * GRID_COLUMNS)
-    in_grid = valid & (pos // per_prompt < GRID_PROMPTS) & (pos % per_prompt < columns) if per_prompt > 1 else (
-        valid & (pos < 2 * columns))  # fmt: skip
+    if per_prompt > 1:  # the first prompts, a row of their first samples each
+        columns = min(per_prompt, GRID_COLUMNS)
+        in_grid = valid & (pos // per_prompt < GRID_PROMPTS) & (pos % per_prompt < columns)
+    else:  # one sample per prompt: the first 2 rows of prompts
+        columns = min(len(prompts), 2 * GRID_COLUMNS)
+        in_grid = valid & (pos < 2 * columns)
     sums: dict[str, float] = {}
     grid_pos, grid_img = [], []
     for lo in range(0, share, batch):
