@@ -246,11 +246,9 @@ def cmd_train(args) -> int:
         with open(os.path.join(cfg.out, "summary.json")) as fh:
             done = json.load(fh)
         for name, after in done["final"].items():
-            before = done["base"].get(name)
-            change = f", {after - before:+.4f}" if before is not None else ""
-            _say(
-                f"held-out {name}: {before:.4f} before, {after:.4f} after (iteration {done['final_iteration']}{change})"
-            )
+            before = done["base"].get(name, float("nan"))
+            _say(f"held-out {name}: {before:.4f} at iteration {done['base_iteration']}, {after:.4f} at iteration "
+                 f"{done['final_iteration']} ({after - before:+.4f})")  # fmt: skip
     _say(f"done in {time.perf_counter() - start:.0f} s; run in {cfg.out} (tempflow eval --run {cfg.out}; tempflow "
          f"sample --run {cfg.out})")  # fmt: skip
     return 0
