@@ -177,22 +177,21 @@ def _run_model(cfg, run: str | None):
         raise
 
 
-def _base_config(args):
-    """A run's settings (its config.json) when ``--run`` is given, else the defaults; then --config / --set."""
+def _base_config(args, **flags):
+    """A run's settings (its config.json) when ``--run`` is given, else the defaults; then --config, --set and the
+    command's own flags (``flags``: setting -> value, None for not given), converted and checked alike."""
     from .train.trainer import TrainConfig, run_config
 
     base = run_config(args.run).to_dict() if args.run else {}
-    return TrainConfig.from_sources(args.config, args.set, base=base)
+    sets = [*(args.set or []), *(f"{name}={value}" for name, value in flags.items() if value is not None)]
+    return TrainConfig.from_sources(args.config, sets, base=base)
 
 
 def cmd_sample(args) -> int:
     from .models import sample
 
-    cfg = _base_config(args)
-    if args.model:
-        cfg.model = args.model
-    if args.size:
-        cfg.resolution, cfg.height, cfg.width = args.size, 0, 0
+    size = {"resolution": args.size, "height": 0, "width": 0} if args.size else {}
+    cfg = _base_config(args, model=args.model, **size)
     model = _run_model(cfg, args.run)
     if args.run:
         from .train.trainer import load_run
@@ -260,15 +259,8 @@ def cmd_eval(args) -> int:
     from .rewards.registry import build_reward
     from .train.evaluation import evaluate
 
-    cfg = _base_config(args)
-    overrides = {"model": args.model, "eval_prompts": args.prompts, "eval_per_prompt": args.per_prompt,
-                 "eval_guidance": args.guidance, "eval_seed": args.seed}  # fmt: skip
-    for name, value in overrides.items():
-        if value is not None:
-            setattr(cfg, name, value)
-    if args.reward is not None:
-        cfg.eval_reward = _yaml_or_text(args.reward)
-    cfg.validate()
+    cfg = _base_config(args, model=args.model, eval_prompts=args.prompts, eval_reward=args.reward,
+                       eval_per_prompt=args.per_prompt, eval_guidance=args.guidance, eval_seed=args.seed)  # fmt: skip
     prompts = load_prompts(cfg.eval_prompts or cfg.prompts)
     reward = build_reward(cfg.eval_reward or cfg.reward, device=cfg.resolved_device())
     model = _run_model(cfg, args.run)
@@ -308,15 +300,6 @@ def cmd_eval(args) -> int:
                        "results": results}, fh, indent=2)  # fmt: skip
         print(f"\nwrote {os.path.join(args.run, 'eval.json')}")
     return 0
-
-
-def _yaml_or_text(raw: str):
-    """A command-line value that may be a YAML mapping (``{pickscore: 1, jpeg-compressibility: 0.1}``)."""
-    if raw.strip()[:1] in ("{", "["):
-        import yaml
-
-        return yaml.safe_load(raw)
-    return raw
 
 
 def cmd_serve_reward(args) -> int:

@@ -143,6 +143,8 @@ def test_the_workflow_by_the_cli_alone(family, tiny, tmp_path, capsys):
         assert "held-out pickscore:" in capsys.readouterr().out
         run_cli("eval", "--run", out, "--steps", "2")
         assert "final" in capsys.readouterr().out
+        run_cli("eval", "--run", out, "--steps", "2", "--reward", "{jpeg-compressibility: 1.0}", "--per-prompt", "1")
+        assert "pickscore" not in capsys.readouterr().out  # the run's reward replaced for this evaluation
         run_cli(
             "sample", "--run", out, "a red fox", "--per-prompt", "2", "--steps", "2", "--out", str(tmp_path / "s.png")
         )
