@@ -395,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     srv.add_argument("--token", default=None, help="shared token clients must send (better: the environment "
                      "variable TEMPFLOW_REWARD_TOKEN, which ps does not show)")  # fmt: skip
-    srv.add_argument("--device", default="cpu", help="where the reward model runs (default cpu; e.g. cuda:1)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    srv.add_argument("--device", default=device, help=f"where the reward model runs (default {device}; e.g. cuda:1)")
     srv.add_argument("--set", action="append", metavar="KEY=VALUE", help="reward argument, e.g. path=/models/x")
     srv.add_argument("--allow-open", action="store_true", help="bind a non-loopback host without a token")
     srv.add_argument("--quiet", action="store_true", help="no line per request")
@@ -426,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError, ImportError, RewardError) as exc:
+    except (ValueError, TypeError, OSError, KeyError, ImportError, RewardError) as exc:  # OSError: files, ports
         print(f"tempflow {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -279,7 +279,7 @@ def test_serve_main_refuses_an_open_host_without_a_token():
 def test_subprocess_server():
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "tempflow.rewards.remote", "jpeg-compressibility", "--port", "0"]
+    cmd = [sys.executable, "-m", "tempflow.cli", "serve-reward", "jpeg-compressibility", "--port", "0"]
     cmd += ["--set", "quality=80"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     try:

@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
 
+from tempflow import cli  # noqa: E402
 from tempflow.models import load_model, tiny  # noqa: E402
 from tempflow.models.diffusers_models import FluxModel, SD3Model  # noqa: E402
 
@@ -138,7 +139,7 @@ def test_save_tiny_refuses_what_it_should(tmp_path):
     (tmp_path / "file").write_text("mine")
     with pytest.raises(FileExistsError, match="exists and is not an empty folder"):
         tiny.save_tiny("clip", str(tmp_path / "file"))
-    assert tiny.main(["clip", str(tmp_path / "full")]) == 1
+    assert cli.main(["tiny-model", "clip", str(tmp_path / "full")]) == 2  # the command says so, exit status 2
     with pytest.raises(ValueError, match="invalid literal"):  # a failure midway leaves nothing behind
         tiny.save_tiny("clip", str(tmp_path / "broken"), seed="zero")
     assert not (tmp_path / "broken").exists()
@@ -147,9 +148,9 @@ def test_save_tiny_refuses_what_it_should(tmp_path):
     assert (tmp_path / "empty" / "model.safetensors").exists()
 
 
-def test_python_m_entry_point(tmp_path):
+def test_tiny_model_command(tmp_path):
     folder = tmp_path / "clip"
-    cmd = [sys.executable, "-m", "tempflow.models.tiny", "clip", str(folder), "--seed", "3"]
+    cmd = [sys.executable, "-m", "tempflow.cli", "tiny-model", "clip", str(folder), "--seed", "3"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"wrote a tiny random-weight clip model to {folder}" in done.stdout

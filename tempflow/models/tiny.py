@@ -8,7 +8,7 @@ weights are random: the images they make are noise and their rewards mean nothin
 
 Write one to a folder with::
 
-    tempflow tiny-model sd3|flux|clip FOLDER        # or: python -m tempflow.models.tiny sd3|flux|clip FOLDER
+    tempflow tiny-model sd3|flux|clip FOLDER
 
 and use the folder wherever tempflow takes a local model folder, e.g. ``tempflow sample --model FOLDER --size 16``
 (``tempflow.models.load_model(FOLDER, height=.., width=..)``) or ``tempflow.rewards.PickScore(FOLDER)``. The tiny VAE
@@ -21,11 +21,9 @@ a folder. The same seed gives the same weights.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 from typing import TYPE_CHECKING
 
@@ -34,7 +32,7 @@ import torch
 if TYPE_CHECKING:
     import diffusers
 
-__all__ = ["KINDS", "sd3_pipeline", "flux_pipeline", "save_tiny", "main"]
+__all__ = ["KINDS", "sd3_pipeline", "flux_pipeline", "save_tiny"]
 
 KINDS = ("sd3", "flux", "clip")
 
@@ -215,27 +213,3 @@ def save_tiny(kind: str, folder: str, seed: int = 0) -> str:
             os.makedirs(folder, exist_ok=True)
         raise
     return folder
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tempflow.models.tiny",
-        description="Write a tiny random-weight model (random weights: its images are noise) to a new folder, to try "
-        "tempflow offline.",
-    )
-    parser.add_argument("kind", choices=KINDS, help="sd3 (SD3.5-like, with T5), flux (FLUX.1-dev-like) or clip "
-                        "(a CLIPModel for the PickScore / Aesthetic rewards)")  # fmt: skip
-    parser.add_argument("folder", help="output folder (created; must not exist or be empty)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
-    args = parser.parse_args(argv)
-    try:
-        save_tiny(args.kind, args.folder, seed=args.seed)
-    except FileExistsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote a tiny random-weight {args.kind} model to {args.folder}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -58,22 +58,27 @@ def score(reward, images: torch.Tensor, prompts: Sequence[str], metadata: Sequen
 
 class Reward:
     """Base class of rewards: subclasses set ``name`` and implement ``score``; calling one checks the inputs and
-    the output. ``device`` is where the reward model runs; images are moved there and the result comes back on
-    the images' device."""
+    the output. ``device`` is where the reward model runs (None: wherever the images are); images are moved there
+    and the result comes back on the images' device."""
 
     name = "reward"
 
-    def __init__(self, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
+    def __init__(self, device: torch.device | str | None = "cpu"):
+        self.device = torch.device(device) if device is not None else None
 
     def score(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]) -> torch.Tensor:
         raise NotImplementedError
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict] | None = None):
+    def inputs(self, images, prompts, metadata) -> tuple[torch.Tensor, list[str], list[dict]]:
+        """The checked inputs as ``score`` takes them: images fp32 in [0, 1] on the reward's device, the prompts, one
+        metadata dict per image."""
         check_images(images, prompts, self.name)
         metadata = list(metadata) if metadata is not None else [{} for _ in prompts]
-        out = self.score(images.to(self.device, torch.float32).clamp(0, 1), list(prompts), metadata)
+        return images.to(self.device or images.device, torch.float32).clamp(0, 1), list(prompts), metadata
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict] | None = None):
+        out = self.score(*self.inputs(images, prompts, metadata))
         return checked(self.name, out, images.shape[0]).to(images.device)
 
     def detailed(self, images, prompts, metadata=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -89,15 +94,11 @@ class FunctionReward(Reward):
     def __init__(self, fn, name: str | None = None):
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable: a reward is fn(images, prompts, metadata) -> (B,)")
-        super().__init__("cpu")
+        super().__init__(device=None)
         self.fn, self.name = fn, name or reward_name(fn)
 
-    @torch.no_grad()
-    def __call__(self, images, prompts, metadata=None):
-        check_images(images, prompts, self.name)
-        metadata = list(metadata) if metadata is not None else [{} for _ in prompts]
-        out = self.fn(images.float().clamp(0, 1), list(prompts), metadata)
-        return checked(self.name, out, images.shape[0]).to(images.device)
+    def score(self, images, prompts, metadata):
+        return self.fn(images, prompts, metadata)
 
 
 class WeightedSum(Reward):

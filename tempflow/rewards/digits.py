@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Reward, check_images, checked
+from .base import Reward, checked
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 CLASSIFIER_WEIGHTS = os.path.join(ASSETS, "digit_classifier.safetensors")
@@ -99,9 +99,7 @@ class DigitCorrectness(Reward):
 
     @torch.no_grad()
     def detailed(self, images, prompts, metadata=None):
-        check_images(images, prompts, self.name)
-        metadata = list(metadata) if metadata is not None else [{} for _ in prompts]
-        probs, target = self._probs(images.to(self.device, torch.float32).clamp(0, 1), list(prompts), metadata)
+        probs, target = self._probs(*self.inputs(images, prompts, metadata))
         p = checked(self.name, probs.gather(1, target[:, None]).squeeze(1), len(prompts)).to(images.device)
         agree = (probs.argmax(1) == target).float().to(images.device)
         return p, {self.name: p, "digit-agreement": agree}

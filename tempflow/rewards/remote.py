@@ -52,7 +52,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import safetensors.torch
 import torch
 
-from .base import Reward, RewardError, check_images, checked, reward_name, score
+from .base import Reward, RewardError, checked, reward_name, score
 
 __all__ = ["RemoteReward", "RewardServer", "serve", "serve_main", "encode_request", "decode_request", "TOKEN_ENV"]
 
@@ -337,9 +337,9 @@ class RemoteReward(Reward):
         retries: int = 3,
         batch_size: int = 64,
         backoff: float = 0.5,
-        device="cpu",
+        device=None,
     ):
-        super().__init__(device)
+        super().__init__(device)  # None: images are quantised where they are, only uint8 pixels move
         self.name, self.url = name, _check_url(url, name)
         self.token = token if token is not None else os.environ.get(TOKEN_ENV) or None
         if not timeout > 0 or batch_size < 1 or retries < 0 or backoff < 0:
@@ -356,16 +356,10 @@ class RemoteReward(Reward):
         return self._remote(images, prompts, metadata)[0]
 
     @torch.no_grad()
-    def __call__(self, images, prompts, metadata=None) -> torch.Tensor:
-        return self.detailed(images, prompts, metadata)[0]  # quantised where the images are, not moved as floats
-
-    @torch.no_grad()
     def detailed(self, images, prompts, metadata=None):
         """``(reward (B,), {name: reward, name/part: values (B,) ...})``: the server's parts, when it reports more
         than one, prefixed with this reward's name."""
-        check_images(images, prompts, self.name)
-        metadata = list(metadata) if metadata is not None else [{} for _ in prompts]
-        total, parts = self._remote(images, list(prompts), metadata)
+        total, parts = self._remote(*self.inputs(images, prompts, metadata))
         total = checked(self.name, total, images.shape[0]).to(images.device)
         named = {self.name: total}
         if len(parts) > 1:
@@ -487,39 +481,3 @@ def _check_url(url: str, name: str) -> str:
             f"reward {name!r}: url {url!r} needs http:// or https:// and a host, e.g. http://127.0.0.1:18085"
         )
     return url.rstrip("/")
-
-
-def _main(argv: list[str] | None = None) -> int:
-    """``python -m tempflow.rewards.remote NAME --port P [--host H] [--token T] [--device D] [--set k=v ...]``."""
-    import argparse
-
-    import yaml
-
-    parser = argparse.ArgumentParser(prog="python -m tempflow.rewards.remote", description=__doc__.split("\n")[0])
-    parser.add_argument("reward", help="a registered reward name or module:function / module:Class")
-    parser.add_argument("--port", type=int, default=18085, help="port to listen on (0: any free port)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--token", default=None, help=f"shared token clients must send (default: ${TOKEN_ENV})")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser.add_argument("--device", default=device, help=f"where the reward runs (default: {device})")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="reward keyword argument")
-    parser.add_argument("--allow-open", action="store_true", help="serve a non-loopback host without a token")
-    parser.add_argument("--quiet", action="store_true", help="no line per request on stderr")
-    args = parser.parse_args(argv)
-    kwargs = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            parser.error(f"--set {item!r}: write key=value")
-        kwargs[key.strip()] = yaml.safe_load(value)
-    try:
-        return serve_main(
-            args.reward, args.host, args.port, args.token, args.device, kwargs, args.allow_open, not args.quiet
-        )
-    except (ValueError, TypeError, FileNotFoundError, OSError) as exc:
-        print(f"serve-reward: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(_main())
