@@ -189,6 +189,7 @@ def _base_config(args, **flags):
 
 def cmd_sample(args) -> int:
     from .models import sample
+    from .prompts import digits_prompts
 
     size = {"resolution": args.size, "height": 0, "width": 0} if args.size else {}
     cfg = _base_config(args, model=args.model, **size)
@@ -197,7 +198,7 @@ def cmd_sample(args) -> int:
         from .train.trainer import load_run
 
         load_run(model, args.run, use_ema=args.ema)
-    prompts = args.prompts or ([f"a handwritten {d}" for d in range(10)] if cfg.model == "digits" else None)
+    prompts = args.prompts or (digits_prompts().prompts if cfg.model == "digits" else None)
     if not prompts:
         raise ValueError('give prompts to sample: tempflow sample "a red fox" "a blue bird" ...')
     if any(not p.strip() for p in prompts):
@@ -215,8 +216,12 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _say(*parts):
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _main_rank():
         print(*parts, flush=True)
 
 
@@ -241,7 +246,7 @@ def cmd_train(args) -> int:
     start = time.perf_counter()
     train(model, prompts, reward, cfg, eval_prompts=eval_prompts, eval_reward=eval_reward, resume=args.resume,
           log=_say)  # fmt: skip
-    if eval_prompts is not None and int(os.environ.get("RANK", "0")) == 0:
+    if eval_prompts is not None and _main_rank():
         with open(os.path.join(cfg.out, "summary.json")) as fh:
             done = json.load(fh)
         for name, after in done["final"].items():
