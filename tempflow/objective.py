@@ -1,4 +1,4 @@
-"""GRPO's clipped policy objective with per-step weights and the exact KL (ALGORITHM.md, sections 2 and 3).
+"""GRPO's clipped policy objective with per-step weights and the exact KL (docs/ALGORITHM.md, sections 2 and 3).
 
 Works on per-row log-probs, so it serves Flow-GRPO (rows = trajectory steps) and TempFlow-GRPO (rows = the K
 branches of a (seed, step) state) alike; the fused op :func:`tempflow.ops.branch_grpo_loss` feeds it."""

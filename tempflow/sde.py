@@ -1,4 +1,4 @@
-"""The flow SDE of Flow-GRPO and TempFlow-GRPO: pure-torch fp32 reference (ALGORITHM.md, section 1).
+"""The flow SDE of Flow-GRPO and TempFlow-GRPO: pure-torch fp32 reference (docs/ALGORITHM.md, section 1).
 
 Conventions
 -----------

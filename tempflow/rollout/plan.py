@@ -1,4 +1,4 @@
-"""Branch plans: which steps of a T-step rollout are stochastic, and how (ALGORITHM.md sections 2 and 3).
+"""Branch plans: which steps of a T-step rollout are stochastic, and how (docs/ALGORITHM.md sections 2 and 3).
 
 * ``BranchPlan.tempflow(T, K)``: TempFlow-GRPO. Each seed follows a deterministic ODE main path; at every branch
   step k (default 0 .. T-2) K one-step SDE branches leave the main path and are completed by the ODE. Rows:

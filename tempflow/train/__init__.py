@@ -1,4 +1,4 @@
-"""Training: the settings (TrainConfig), advantages (ALGORITHM.md sections 2 and 3), held-out evaluation and the
+"""Training: the settings (TrainConfig), advantages (docs/ALGORITHM.md sections 2 and 3), held-out evaluation and the
 trainer loop built from them."""
 
 from .advantages import flow_grpo_advantages, group_normalize, signal_rows, tempflow_advantages

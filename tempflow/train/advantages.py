@@ -1,4 +1,4 @@
-"""Advantages of GRPO rows (ALGORITHM.md sections 2 and 3): pure functions of rewards and group ids.
+"""Advantages of GRPO rows (docs/ALGORITHM.md sections 2 and 3): pure functions of rewards and group ids.
 
 TempFlow-GRPO's process advantage at step k: ``A = clip((R - mean_g R) / (std_g R + 1e-4), -5, 5)`` with g the
 group of the row at that step: the K branches of the same (prompt, seed, k) ("seed", the default), all N*K branches
