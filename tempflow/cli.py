@@ -65,7 +65,9 @@ def cmd_demo(args) -> int:
     from . import rng, sde
     from .models import GaussianMixtureFlow
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # one thread: the demo's ~9,600 small ops gain ~0.1 s from threads on an idle machine and lose up to ~45 s on a
+    # busy one (each OpenMP region waits for a descheduled thread); the output is the same
+    torch.set_num_threads(1)
     flow = GaussianMixtureFlow.ring(modes=args.modes, radius=2.0, std=0.3)
     grid = sde.time_grid(args.steps, shift=args.shift)
     n = args.samples
@@ -138,18 +140,24 @@ def cmd_pretrain(args) -> int:
     if args.what == "classifier":
         from .rewards import digits
 
-        epochs = args.steps or 40
-        model, acc = digits.train_classifier(seed=args.seed, epochs=epochs)
+        epochs, threads = args.steps or 40, 1  # the weights depend on the thread count (and the CPU's kernels)
+        model, acc = digits.train_classifier(seed=args.seed, epochs=epochs, threads=threads)
         out = args.out or digits.CLASSIFIER_WEIGHTS
         digits.save_classifier(
-            model, out, seed=args.seed, epochs=epochs, held_out_accuracy=round(acc, 4), torch=torch.__version__
+            model,
+            out,
+            seed=args.seed,
+            epochs=epochs,
+            threads=threads,
+            held_out_accuracy=round(acc, 4),
+            torch=torch.__version__,
         )
         print(f"held-out accuracy {acc:.4f}; wrote {out} in {time.perf_counter() - start:.0f} s")
         return 0
     from .models import digits as dg
 
-    steps = args.steps or dg.PRETRAIN_STEPS
-    model = dg.pretrain(steps=steps, seed=args.seed)
+    steps, threads = args.steps or dg.PRETRAIN_STEPS, 2
+    model = dg.pretrain(steps=steps, seed=args.seed, threads=threads)
     seconds = time.perf_counter() - start
     quality = {
         f"agreement_T{t}_g{g}": round(dg.prompt_agreement(model, steps=t, guidance=g), 4)
@@ -157,7 +165,9 @@ def cmd_pretrain(args) -> int:
         for g in (1.0, model.default_guidance)
     }
     out = args.out or dg.WEIGHTS
-    model.save(out, seed=args.seed, steps=steps, threads=2, seconds=round(seconds), torch=torch.__version__, **quality)
+    model.save(
+        out, seed=args.seed, steps=steps, threads=threads, seconds=round(seconds), torch=torch.__version__, **quality
+    )
     print(
         f"wrote {out} after {seconds:.0f} s; prompt agreement: " + ", ".join(f"{k} {v:.3f}" for k, v in quality.items())
     )

@@ -65,8 +65,14 @@ ZERO3 = dict(prompts_per_iteration=2, iterations=3, checkpoint_every=3, zero_sta
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_on_two_processes_matches_one_process(tmp_path, stage):
-    done = launch(tmp_path / "zero3", {**ZERO3, "zero_stage": stage})
+    extensions = tmp_path / "torch_extensions"  # a fresh cache: a compiled DeepSpeed op would land here
+    extensions.mkdir()
+    done = launch(tmp_path / "zero3", {**ZERO3, "zero_stage": stage}, TORCH_EXTENSIONS_DIR=str(extensions))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # on CPU nothing is compiled (DeepSpeed's shared-memory all-reduce op, inference-only, is skipped)
+    assert list(extensions.iterdir()) == []
+    for text in ("Building extension", "built successfully"):
+        assert text not in done.stdout + done.stderr, text
     single = tmp_path / "single"
     model = tiny_model()
     train(model, "digits", DigitCorrectness(), tiny_config(single, **{**ZERO3, "zero_stage": 0}), log=lambda *_: None)

@@ -105,13 +105,16 @@ class DigitCorrectness(Reward):
         return p, {self.name: p, "digit-agreement": agree}
 
 
-def train_classifier(seed: int = 0, epochs: int = 40, width: int = 32, log=print) -> tuple[DigitClassifier, float]:
+def train_classifier(
+    seed: int = 0, epochs: int = 40, width: int = 32, threads: int = 1, log=print
+) -> tuple[DigitClassifier, float]:
     """Train the classifier on the train split (with small random shifts); returns it and its held-out accuracy.
-    Deterministic for a given seed: one thread, fixed data order."""
+    Deterministic for a given seed and ``threads`` (fixed data order); the bits also depend on the CPU kernels
+    torch picks (oneDNN / MKL / ATen by instruction set), so another CPU can give other weights."""
     from .. import datasets
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
@@ -134,7 +137,7 @@ def train_classifier(seed: int = 0, epochs: int = 40, width: int = 32, log=print
                 log(f"epoch {epoch + 1}: loss {loss.item():.4f}, held-out accuracy {accuracy(model, xh, yh):.4f}")
         return model.eval(), accuracy(model, xh, yh)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
 
 
 def save_classifier(model: DigitClassifier, path: str = CLASSIFIER_WEIGHTS, **meta) -> None:

@@ -20,6 +20,7 @@ train ...`` (each sets RANK / WORLD_SIZE / LOCAL_RANK); on CPU the ranks talk ov
 from __future__ import annotations
 
 import atexit
+import importlib
 import os
 from contextlib import contextmanager
 
@@ -169,9 +170,11 @@ def start(model, params, make_optimizer, zero_stage: int, grad_clip: float, prec
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
         # DeepSpeed's CPU backend compiles a shared-memory all-reduce op (~50 s) used only by inference;
-        # training collectives go through gloo, so skip the build.
-        import deepspeed.comm.torch as ds_torch
-
+        # training collectives go through gloo, so skip the build. The module must come from sys.modules:
+        # ``import deepspeed.comm.torch as ds_torch`` binds ``deepspeed.comm.torch`` the attribute, which
+        # ``from .comm import *`` in deepspeed/comm/__init__.py has made the torch package itself, so the patch
+        # would land on torch and TorchBackend would still build the op.
+        ds_torch = importlib.import_module("deepspeed.comm.torch")
         ds_torch.build_shm_op = lambda: None
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
