@@ -9,7 +9,11 @@ import torch
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    torch.save(obj, path + ".tmp")
+    """``obj`` at ``path``: written to ``path.tmp``, flushed to disk, then renamed over ``path``."""
+    with open(path + ".tmp", "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(path + ".tmp", path)
 
 

@@ -1,4 +1,4 @@
-"""``tempflow`` command line.
+"""tempflow: reinforcement learning of flow-matching image models (TempFlow-GRPO and its Flow-GRPO baseline).
 
 tempflow train         TempFlow-GRPO / Flow-GRPO: the embedded default with no arguments, or any model, prompts and
                        rewards from a YAML file (--config) and --set overrides
@@ -19,6 +19,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 
@@ -238,7 +239,8 @@ def _say(*parts):
 def cmd_train(args) -> int:
     from .prompts import load_prompts
     from .rewards.registry import build_reward
-    from .train.trainer import TrainConfig, train
+    from .train.runfolder import RunFolder
+    from .train.trainer import Interrupted, TrainConfig, train
 
     if args.help_config:
         print("tempflow train settings (YAML --config file or --set name=value):\n" + TrainConfig.help())
@@ -247,15 +249,24 @@ def cmd_train(args) -> int:
     _say("tempflow train: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
     prompts = load_prompts(cfg.prompts)
     eval_prompts = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else None
-    device = cfg.resolved_device()
-    reward = build_reward(cfg.reward, device=device)
-    eval_reward = build_reward(cfg.eval_reward, device=device) if cfg.eval_reward else None
     held = f"{len(eval_prompts)} held-out prompts ({eval_prompts.name})" if eval_prompts else "no evaluation"
     _say(f"{len(prompts)} training prompts ({prompts.name}); {held}")
-    model = _run_model(cfg, None)
-    start = time.perf_counter()
-    train(model, prompts, reward, cfg, eval_prompts=eval_prompts, eval_reward=eval_reward, resume=args.resume,
-          log=_say)  # fmt: skip
+    with RunFolder(cfg.out, main=_main_rank()) as folder:  # locked and checked before rewards and model load
+        if _main_rank():
+            folder.open(cfg, args.resume or False, args.overwrite, log=_say)
+        device = cfg.resolved_device()
+        reward = build_reward(cfg.reward, device=device)
+        eval_reward = build_reward(cfg.eval_reward, device=device) if cfg.eval_reward else None
+        model = _run_model(cfg, None)
+        start = time.perf_counter()
+        try:
+            train(model, prompts, reward, cfg, eval_prompts=eval_prompts, eval_reward=eval_reward,
+                  resume=args.resume or False, overwrite=args.overwrite, log=_say, folder=folder)  # fmt: skip
+        except Interrupted as stop:
+            again = ["tempflow", "train", *(["--config", args.config] if args.config else [])]
+            again += [a for item in args.set or [] for a in ("--set", item)] + ["--resume"]
+            _say(f"{stop}; continue with: {shlex.join(again)}")
+            return stop.exit_code
     if eval_prompts is not None and _main_rank():
         with open(os.path.join(cfg.out, "summary.json")) as fh:
             done = json.load(fh)
@@ -340,8 +351,15 @@ def cmd_tiny_model(args) -> int:
     return 0
 
 
+def _resume_mode(value: str):
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"--resume takes no value or 'auto', not {value!r}")
+    return "auto"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tempflow", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="tempflow", description=__doc__.split("\n\n")[0],
+                                     epilog="tempflow COMMAND --help: what a command does and its options")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"tempflow {__version__}")
     # the deepspeed launcher passes --local_rank=N before the command (torchrun sets LOCAL_RANK instead)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -386,7 +404,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "and rewards (--config / --set)")  # fmt: skip
     tr.add_argument("--config", default=None, help="YAML file of settings (see --help-config and configs/)")
     tr.add_argument("--set", action="append", metavar="NAME=VALUE", help="override one setting (repeatable)")
-    tr.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    tr.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        choices=[True, "auto"],
+        type=_resume_mode,
+        help="continue the run in the output folder from its checkpoint (settings that change the "
+        "experiment are refused); --resume auto: continue if there is a checkpoint, else start fresh",
+    )
+    tr.add_argument("--overwrite", action="store_true", help="replace the run the output folder holds (its files only)")
     tr.add_argument("--help-config", action="store_true", help="list every setting with its help and exit")
     tr.set_defaults(func=cmd_train)
 
@@ -426,11 +454,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser("doctor", help="report installed parts, built extensions and backends")
     doctor.set_defaults(func=cmd_doctor)
+    for action in sub._choices_actions:  # each command's --help opens with what it does
+        command = sub.choices[action.dest]
+        command.description = command.description or action.help[0].upper() + action.help[1:] + "."
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from .rewards.base import RewardError
+    from .train.runfolder import CheckpointError, RunFolderError
 
     args = build_parser().parse_args(argv)
     flags = {"samples": "--samples", "steps": "--steps", "eval_steps": "--steps", "per_prompt": "--per-prompt",
@@ -442,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError, KeyError, ImportError, RewardError) as exc:  # OSError: files, ports
+    except (ValueError, TypeError, OSError, KeyError, ImportError, RewardError, RunFolderError,
+            CheckpointError) as exc:  # OSError: files, ports  # fmt: skip
         print(f"tempflow {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -99,9 +99,11 @@ def test_zero3_resume_continues_exactly(tmp_path):
     first = launch(out, {**ZERO3, "iterations": 2, "checkpoint_every": 1})
     assert first.returncode == 0, first.stderr[-3000:]
     tags = [name for name in os.listdir(out / "deepspeed") if name.startswith("iteration")]
-    assert tags == ["iteration2"]  # older partitions removed
+    assert sorted(tags) == ["iteration1", "iteration2"]  # those of checkpoint.pt and checkpoint.prev.pt only
     resumed = launch(out, ZERO3, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    tags = [name for name in os.listdir(out / "deepspeed") if name.startswith("iteration")]
+    assert sorted(tags) == ["iteration2", "iteration3"]  # iteration1's partitions, named by no checkpoint, are gone
     straight = launch(tmp_path / "straight", ZERO3)
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(tmp_path / "straight")]

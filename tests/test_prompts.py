@@ -43,7 +43,7 @@ def test_bad_prompt_files_are_named(tmp_path):
         load_prompts(["a cat", " "])
 
 
-@pytest.mark.parametrize("per_iteration", [1, 3, 4, 7])
+@pytest.mark.parametrize("per_iteration", [1, 3, 4, 7, 11])  # 11: more than the file holds, all used
 def test_the_sampler_goes_through_epochs_without_replacement(per_iteration):
     src = PromptSource([f"prompt {i}" for i in range(7)])
     drawn, ids = [], []

@@ -145,7 +145,7 @@ class TrainConfig:
     )
     weighting: bool = _f(True, "noise-aware weighting of the policy term (tempflow)")
     noise_level: float = _f(0.7, "SDE noise level a (0.7 for SD3.5-M, 0.9 for FLUX in the papers)")
-    schedule: str = _f("flow-grpo", "SDE noise schedule: flow-grpo | cps | dance (ALGORITHM.md section 1)")
+    schedule: str = _f("flow-grpo", "SDE noise schedule: flow-grpo | cps | dance (docs/ALGORITHM.md section 1)")
     guidance: float = _f(2.0, "classifier-free guidance in sampling and training (FLUX.1-dev: its guidance embedding)")
     clip_eps: float = _f(1e-3, "PPO clip range of the ratio (log-probs are averaged, so it is small)")
     adv_clip: float = _f(5.0, "advantages are clipped to [-adv_clip, adv_clip]")
@@ -176,6 +176,11 @@ class TrainConfig:
     # --- output ------------------------------------------------------------------------------------------------
     out: str = _f("runs/digits", "output folder: config, metrics.jsonl, checkpoint.pt, sample grids")
     checkpoint_every: int = _f(10, "iterations between checkpoints and reward-curve PNGs")
+    checkpoint_minutes: float = _f(
+        10.0,
+        "also checkpoint after the first iteration that ends this many minutes after the last checkpoint, so a kill "
+        "loses at most that (0: only checkpoint_every)",
+    )
     tensorboard: bool = _f(False, "also log metrics to TensorBoard (<out>/tensorboard; needs tensorboard)")
     wandb: str = _f("", "also log metrics to this Weights & Biases project (needs wandb)")
 
@@ -213,7 +218,7 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingError(f"setting {name}={getattr(self, name)}: must be > 0")
-        for name in ("beta", "weight_decay"):
+        for name in ("beta", "weight_decay", "checkpoint_minutes"):
             if getattr(self, name) < 0:
                 raise SettingError(f"setting {name}={getattr(self, name)}: must be >= 0")
         if not 0 <= self.ema < 1:

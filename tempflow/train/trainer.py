@@ -12,14 +12,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import torch
 
 from .. import ops, sde
-from .._io import atomic_torch_save
 from ..models.registry import DTYPES
 from ..prompts import load_prompts
 from ..rewards.registry import build_reward
@@ -29,10 +31,12 @@ from . import distributed
 from .advantages import flow_grpo_advantages, signal_rows, tempflow_advantages
 from .config import SettingError, TrainConfig
 from .evaluation import evaluate
+from .runfolder import RunFolder, effective_config, read_checkpoint
 
 __all__ = [
     "TrainConfig",
     "SettingError",
+    "Interrupted",
     "train",
     "load_run",
     "run_checkpoint",
@@ -43,12 +47,10 @@ __all__ = [
 ]
 
 
-def run_checkpoint(run: str) -> dict:
-    """A run's checkpoint.pt: trained weights (``params``), ``ema``, ``iteration``, ``config``."""
-    path = os.path.join(run, "checkpoint.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint in {run!r}: train first (tempflow train --set out={run})")
-    return torch.load(path, weights_only=False)
+def run_checkpoint(run: str, log=print) -> dict:
+    """A run's newest readable checkpoint (checkpoint.pt, else checkpoint.prev.pt): trained weights (``params``),
+    ``ema``, ``iteration``, ``config``."""
+    return read_checkpoint(run, log=log)[0]
 
 
 def put_weights(model, weights, source: str = "the checkpoint") -> None:
@@ -74,12 +76,11 @@ def load_run(model, run: str, use_ema: bool = False):
 
 
 def run_config(run: str) -> TrainConfig:
-    """The settings a run was trained with (its config.json)."""
+    """The settings of a run: its config.json, with the changes of later resumes (config_history.jsonl)."""
     path = os.path.join(run, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run!r} is not a tempflow run folder: no config.json (train one with tempflow train)")
-    with open(path) as fh:
-        return TrainConfig.from_dict(json.load(fh), source=path)
+    return TrainConfig.from_dict(effective_config(run), source=path)
 
 
 def prepare(model, cfg: TrainConfig) -> None:
@@ -165,8 +166,43 @@ class MetricsLog:
             self.wandb.log({name: wandb.Image(pixels)}, step=step)
 
 
-def train(model, prompts, reward, cfg: TrainConfig, *, eval_prompts=None, eval_reward=None, resume: bool = False,
-          log=print, callback: Callable | None = None) -> dict:  # fmt: skip
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run at a safe point, after a checkpoint; ``exit_code`` is 128 + the signal."""
+
+    def __init__(self, signum: int, iteration: int, out: str):
+        self.signum, self.iteration, self.out = signum, iteration, out
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} after iteration {iteration}; checkpoint in {out}")
+
+
+@contextmanager
+def _stop_signals(log):
+    """SIGINT / SIGTERM set a flag the loop reads at its safe points (a second one acts at once, as usual)."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, _frame):
+        caught.append(signum)
+        for s, h in previous.items():  # the next signal is handled the usual way (Ctrl-C twice: stop now)
+            signal.signal(s, h)
+        log(f"{signal.Signals(signum).name}: stopping after this iteration with a checkpoint (again: stop now)")
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield caught
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def train(model, prompts, reward, cfg: TrainConfig, *, eval_prompts=None, eval_reward=None,
+          resume: bool | str = False, overwrite: bool = False, log=print, callback: Callable | None = None,
+          folder: RunFolder | None = None) -> dict:  # fmt: skip
     """Fine-tune ``model`` (a FlowModel adapter) for ``cfg.iterations`` iterations; returns the last metrics.
 
     Args:
@@ -176,17 +212,38 @@ def train(model, prompts, reward, cfg: TrainConfig, *, eval_prompts=None, eval_r
             mapping name -> weight; see tempflow.rewards.registry). Its named values are logged as ``reward/<name>``.
         eval_prompts, eval_reward: the held-out prompts (same forms; None: no evaluation) and their reward (None:
             ``reward``), evaluated before training, every ``cfg.eval_every`` iterations and at the end.
+        resume: False: a fresh run (refused when ``cfg.out`` holds a run, unless ``overwrite``); True: continue from
+            the checkpoint (refused when there is none, or when the settings change the experiment); "auto":
+            continue when there is a checkpoint, else start fresh. See :mod:`tempflow.train.runfolder`.
         callback: ``callback(model, metrics) -> bool`` after each iteration's update; True stops the run (after a
             checkpoint).
+        folder: the run folder already opened (the CLI locks it before loading the model); None: opened here.
 
+    SIGINT / SIGTERM stop the run after the current iteration with a checkpoint and raise :class:`Interrupted`.
     Launched on several processes (deepspeed / torchrun), each rank runs this same function on its share of the
-    prompts.
+    prompts; only rank 0 locks and writes the folder.
     """
     started = time.perf_counter()
     world = distributed.launched_world_size()
     if cfg.prompts_per_iteration % world:
         raise SettingError(f"prompts_per_iteration={cfg.prompts_per_iteration} must be a multiple of the {world} "
                            "ranks (prompts are sharded whole; every rank must make the same model calls)")  # fmt: skip
+    main = int(os.environ.get("RANK", "0")) == 0
+    own_folder = folder is None
+    if own_folder:
+        folder = RunFolder(cfg.out, main=main)
+    try:
+        resume_from = folder.open(cfg, resume, overwrite, log) if main else None  # (the CLI opened it already)
+        with _stop_signals(log if main else _quiet) as caught:
+            return _train(model, prompts, reward, cfg, eval_prompts, eval_reward, resume_from, folder, caught,
+                          log, callback, started)  # fmt: skip
+    finally:
+        if own_folder:
+            folder.release()
+
+
+def _train(model, prompts, reward, cfg, eval_prompts, eval_reward, resume_from, folder, caught, log, callback,
+           started):  # fmt: skip
     torch.manual_seed(cfg.seed)
     device = str(getattr(model, "device", "cpu"))
     prompts = load_prompts(prompts)
@@ -199,20 +256,15 @@ def train(model, prompts, reward, cfg: TrainConfig, *, eval_prompts=None, eval_r
     rt, opt = distributed.start(model, params, make_opt, cfg.resolved_zero_stage(), cfg.grad_clip, cfg.dtype)
     if not rt.is_main:
         log = _quiet
-    else:
-        os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, "config.json"), "w") as fh:
-            json.dump(cfg.to_dict(), fh, indent=2)
-    rt.barrier()
+    resume_from = rt.all_gather(resume_from)[0]  # rank 0 decided (it alone reads and writes the folder)
     ema = [rt.local(p).detach().float().clone() for p in params] if cfg.ema > 0 else None
     plan, rcfg = cfg.plan(), cfg.rollout_config()
     table = sde.sde_table(model.time_grid(cfg.steps, device=device), cfg.schedule, cfg.noise_level)
     weights = sde.noise_aware_weights(table, plan.sde_steps) if cfg.weighting else torch.ones(cfg.steps, device=device)
-    ckpt = os.path.join(cfg.out, "checkpoint.pt")
     start_iter = 0
-    if resume and os.path.exists(ckpt):
-        start_iter, ema = _load_checkpoint(ckpt, rt, params, opt, ema)
-        log(f"resumed from {ckpt} at iteration {start_iter}")
+    if resume_from is not None:
+        start_iter, ema = _load_checkpoint(resume_from, rt, params, opt, ema)
+        log(f"resumed from {resume_from} at iteration {start_iter}")
     metrics_log = MetricsLog(cfg, rt.is_main, start_iter)
     evals = {m["iteration"]: _eval_values(m) for m in metrics_log.kept if "eval/reward" in m}
 
@@ -234,10 +286,28 @@ def train(model, prompts, reward, cfg: TrainConfig, *, eval_prompts=None, eval_r
                         for k, v in result.values.items()))  # fmt: skip
         return {**{f"eval/{k}": v for k, v in result.values.items()}, "eval_s": time.perf_counter() - t0}
 
-    if eval_prompts is not None and start_iter == 0:
+    saved = {"iteration": start_iter if resume_from is not None else None, "at": time.monotonic()}
+
+    def save(iteration: int) -> None:
+        _save_checkpoint(folder, rt, params, opt, ema, iteration, cfg)
+        saved.update(iteration=iteration, at=time.monotonic())
+        if rt.is_main:
+            _reward_curve(cfg, metrics_log.path)
+
+    def stop_signal() -> int:
+        """The signal that asked every rank to stop (0: none); all ranks agree."""
+        return max(rt.all_gather(caught[0] if caught else 0))
+
+    if eval_prompts is not None and 0 not in evals:
         metrics_log.write({"iteration": 0, **held_out(0)})
     metrics, spent = {}, 0.0
     for it in range(start_iter, cfg.iterations):
+        signum = stop_signal()
+        if signum:  # caught during a held-out evaluation: stop before this iteration's rollout
+            if saved["iteration"] != it:
+                save(it)
+            log(f"stopped by {signal.Signals(signum).name} before iteration {it + 1}")
+            raise Interrupted(signum, it, cfg.out)
         t0 = time.perf_counter()
         texts, meta, ids = prompts.draw(it, cfg.prompts_per_iteration, cfg.seed)
         mine = slice(rt.rank, None, rt.world)  # whole prompts per rank
@@ -257,14 +327,17 @@ def train(model, prompts, reward, cfg: TrainConfig, *, eval_prompts=None, eval_r
         log(f"[{it + 1}/{cfg.iterations} eta {left:.0f}s] " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                                                                          if k != "iteration"))  # fmt: skip
         stop = rt.any(bool(callback(model, dict(metrics)))) if callback is not None else False
+        signum = stop_signal()
         last = it + 1 == cfg.iterations or stop
         if eval_prompts is not None and (last or (cfg.eval_every and (it + 1) % cfg.eval_every == 0)):
             metrics.update(held_out(it + 1))
         metrics_log.write(metrics)
-        if (it + 1) % cfg.checkpoint_every == 0 or last:
-            _save_checkpoint(ckpt, rt, params, opt, ema, it + 1, cfg)
-            if rt.is_main:
-                _reward_curve(cfg, metrics_log.path)
+        overdue = cfg.checkpoint_minutes and rt.any(time.monotonic() - saved["at"] >= 60 * cfg.checkpoint_minutes)
+        if (it + 1) % cfg.checkpoint_every == 0 or last or signum or overdue:
+            save(it + 1)
+        if signum:
+            log(f"stopped by {signal.Signals(signum).name} after iteration {it + 1}")
+            raise Interrupted(signum, it + 1, cfg.out)
         if stop:
             log(f"stopped by the callback after iteration {it + 1}")
             break
@@ -361,10 +434,11 @@ def _update(model, batch, adv, plan, table, weights, cfg, opt, params, rt, itera
     return rt.all_sum(loss_sum) / n_states, rt.all_sum(kl_sum) / n_states, n_states
 
 
-def _save_checkpoint(path, rt, params, opt, ema, iteration, cfg) -> None:
+def _save_checkpoint(folder: RunFolder, rt, params, opt, ema, iteration, cfg) -> None:
     """checkpoint.pt: full trainable weights, EMA, iteration and config (what eval and sample read) and the
     optimizer state; with DeepSpeed the optimizer's partitions go to <out>/deepspeed/<tag> first, and checkpoint.pt,
-    replaced atomically last, names the tag, so a crash at any point leaves a complete earlier checkpoint."""
+    replaced last (see RunFolder.write_checkpoint), names the tag, so a crash at any point leaves a complete earlier
+    checkpoint; the previous checkpoint and its partitions are kept."""
     with rt.gathered(params):
         full = [p.detach().float().clone() for p in params]
     state = {"params": full, "ema": rt.gather_full(params, ema) if ema is not None else None,
@@ -373,22 +447,21 @@ def _save_checkpoint(path, rt, params, opt, ema, iteration, cfg) -> None:
         state["optimizer"] = opt.state_dict()
     else:
         tag = f"iteration{iteration}"
-        folder = os.path.join(os.path.dirname(path), "deepspeed")
-        rt.engine.save_checkpoint(folder, tag=tag, save_latest=False)
+        rt.engine.save_checkpoint(folder.path("deepspeed"), tag=tag, save_latest=False)
         rt.barrier()
         state["deepspeed_tag"] = tag
     if rt.is_main:
-        atomic_torch_save(state, path)
-        if rt.engine is not None:  # partitions no checkpoint.pt names any more (also those of an earlier crash)
-            folder = os.path.join(os.path.dirname(path), "deepspeed")
-            for name in os.listdir(folder):
-                if name.startswith("iteration") and name != state["deepspeed_tag"]:
-                    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        folder.write_checkpoint(state)
+        if rt.engine is not None:  # partitions no kept checkpoint names (also those of an earlier crash)
+            keep = folder.checkpoint_tags()
+            for name in os.listdir(folder.path("deepspeed")):
+                if name.startswith("iteration") and name not in keep:
+                    shutil.rmtree(folder.path(os.path.join("deepspeed", name)), ignore_errors=True)
     rt.barrier()
 
 
 def _load_checkpoint(path, rt, params, opt, ema):
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=False, map_location="cpu")
     if state.get("world", 1) != rt.world:
         raise ValueError(f"{path} was written by {state.get('world', 1)} ranks, this run has {rt.world}: resume "
                          "with the same number of processes")  # fmt: skip
@@ -398,9 +471,8 @@ def _load_checkpoint(path, rt, params, opt, ema):
                 p.copy_(v)
         opt.load_state_dict(state["optimizer"])
     else:
-        folder = os.path.join(os.path.dirname(path), "deepspeed")
-        rt.engine.load_checkpoint(folder, tag=state["deepspeed_tag"], load_optimizer_states=True,
-                                  load_lr_scheduler_states=False)  # fmt: skip
+        rt.engine.load_checkpoint(os.path.join(os.path.dirname(path), "deepspeed"), tag=state["deepspeed_tag"],
+                                  load_optimizer_states=True, load_lr_scheduler_states=False)  # fmt: skip
     if ema is not None and state["ema"] is not None:
         ema = [e.float() for e in rt.scatter_full(params, state["ema"])]
     return state["iteration"], ema
