@@ -6,7 +6,10 @@ Reports model calls, wall time, images per second, the share of wall time spent 
 engine's own overhead), and the per-sample forward cost at each batch size, which bounds what batching can gain
 on this machine.
 
-    python bench/bench_rollout.py [--prompts 2] [--caps 32 256] [--quick]
+    python bench/bench_rollout.py [--prompts 2] [--caps 64 512] [--quick]
+
+Caps are ``max_batch``: rows per forward, a CFG pair counting two (64 and 512 rows are the 32 and 256 guided
+samples per call of the results recorded before caps counted rows).
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ def forward_cost(model, batches, reps=3):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=2, help="prompts (default 2: 8 seeds with N=4)")
-    parser.add_argument("--caps", type=int, nargs="+", default=[32, 256], help="engine's maximum batch per call")
+    parser.add_argument("--caps", type=int, nargs="+", default=[64, 512],
+                        help="engine's max_batch: rows per forward, a CFG pair counting two")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="T=4, K=2 smoke run")
     args = parser.parse_args()
     torch.set_grad_enabled(False)

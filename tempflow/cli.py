@@ -217,7 +217,8 @@ def cmd_sample(args) -> int:
     prompts = [p for p in prompts for _ in range(args.per_prompt)]
     guidance = (cfg.guidance if args.run else model.default_guidance) if args.guidance is None else args.guidance
     start = time.perf_counter()
-    latents = sample(model, prompts, steps=args.steps, guidance=guidance, seed=args.seed, progress=True)
+    latents = sample(model, prompts, steps=args.steps, guidance=guidance, seed=args.seed, batch=cfg.max_batch,
+                     progress=True)  # fmt: skip
     images = model.decode(latents)
     from .train.plots import save_grid
 

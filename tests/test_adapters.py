@@ -17,24 +17,10 @@ from tempflow.models.tiny import flux_pipeline, sd3_pipeline  # noqa: E402
 def adapter(request, tmp_path):
     if request.param == "sd3":
         return SD3Model.from_pipeline(sd3_pipeline(tmp_path, t5=False), height=32, width=32)
-    if request.param == "flux":
-        pipe = flux_pipeline(tmp_path)
-        pipe.tokenizer_2.model_max_length = 16
-        model = FluxModel.from_pipeline(pipe, height=16, width=16)
-        model._encode_texts = _short_flux_encode(model)
-        return model
+    if request.param == "flux":  # 16 T5 tokens keep the tiny test fast (the default is 128, as both codebases)
+        return FluxModel.from_pipeline(flux_pipeline(tmp_path), height=16, width=16, max_sequence_length=16)
     torch.manual_seed(0)
     return dg.DigitsModel(dg.DigitsConfig(num_layers=1, attention_head_dim=8, num_attention_heads=2, text_dim=16))
-
-
-def _short_flux_encode(model):
-    """FLUX pads T5 prompts to 512 tokens; 16 keep the tiny test fast (the code path is the same)."""
-
-    def encode(prompts):
-        hidden, pooled, _ = model.pipeline.encode_prompt(prompts, prompts, device=model.device, max_sequence_length=16)
-        return hidden, pooled
-
-    return encode
 
 
 def test_conditioning_is_encoded_once_and_gathered(adapter):
@@ -160,3 +146,81 @@ def test_sample_command_on_a_local_diffusers_folder(build, tmp_path, capsys):
     args = ["sample", "a cat", "a dog", "--per-prompt", "2", "--steps", "2", "--model", str(tmp_path / "pipe")]
     assert cli.main([*args, "--size", "16", "--out", str(out)]) == 0
     assert out.exists() and "4 samples" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("build", [sd3_pipeline, flux_pipeline], ids=["sd3", "flux"])
+def test_max_sequence_length_reaches_encode_prompt(build, tmp_path):
+    """T5 prompts are 128 tokens by default, as Flow-GRPO and TempFlow-GRPO encode them (diffusers' default is 256
+    for SD3 and 512 for FLUX)."""
+    pipe = build(tmp_path)
+    cls, size = (SD3Model, 32) if build is sd3_pipeline else (FluxModel, 16)
+    seen = []
+    encode_prompt = pipe.encode_prompt
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["max_sequence_length"])
+        return encode_prompt(*args, **kwargs)
+
+    pipe.encode_prompt = spy
+    clip = 77 if cls is SD3Model else 0  # SD3 puts CLIP's 77 tokens before T5's
+    for kwargs, tokens in (({}, 128), ({"max_sequence_length": 16}, 16)):
+        model = cls.from_pipeline(pipe, height=size, width=size, **kwargs)
+        cond = model.encode(["a cat"])
+        assert seen[-2:] == [tokens, tokens]  # the prompts and the unconditional ""
+        assert cond.cond["hidden"].shape[1] == clip + tokens and cond.null["hidden"].shape[1] == clip + tokens
+
+
+@pytest.mark.parametrize("build", [sd3_pipeline, flux_pipeline], ids=["sd3", "flux"])
+def test_initial_latents_are_the_pipelines_own(build, tmp_path):
+    """A generator gives bit for bit the latents the diffusers pipeline's prepare_latents draws (shape, order and
+    dtype; packed for FLUX), for one generator and for a list of them (one per image)."""
+    pipe = build(tmp_path)
+    cls, size = (SD3Model, 32) if build is sd3_pipeline else (FluxModel, 16)
+    model = cls.from_pipeline(pipe, height=size, width=size, max_sequence_length=16)
+    channels = pipe.transformer.config.in_channels // (1 if cls is SD3Model else 4)
+
+    def official(gen, dtype):
+        out = pipe.prepare_latents(3, channels, size, size, dtype, model.device, gen)
+        return out[0] if isinstance(out, tuple) else out
+
+    for dtype in (torch.float32, torch.bfloat16):
+        ours = model.initial_latents(3, torch.Generator().manual_seed(5), dtype=dtype)
+        assert ours.shape == (3, *model.latent_shape) and ours.dtype == dtype
+        assert torch.equal(ours, official(torch.Generator().manual_seed(5), dtype))
+        gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]  # noqa: E731
+        assert torch.equal(model.initial_latents(3, gens(), dtype=dtype), official(gens(), dtype))
+    assert model.initial_latents(2, torch.Generator().manual_seed(5)).dtype == model.dtype  # the pipelines' dtype
+
+
+def test_rollout_from_a_generator_and_rows_per_forward(tmp_path):
+    """The rollout's main paths start from the pipeline's latents; SD3's CFG forwards pairs of rows, FLUX.1-dev's
+    guidance embedding one row per sample, and no forward exceeds max_batch rows."""
+    from tempflow.rollout import BranchPlan, RolloutConfig, rollout
+
+    def reward(images, prompts, metadata):
+        return images.float().mean(dim=(1, 2, 3))
+
+    for build, cls, size, per in ((sd3_pipeline, SD3Model, 32, 2), (flux_pipeline, FluxModel, 16, 1)):
+        pipe = build(tmp_path)
+        model = cls.from_pipeline(pipe, height=size, width=size, max_sequence_length=16)
+        rows = []
+        model.forward_velocity = _counting(model.forward_velocity, rows)
+        assert model.forward_rows(4.5) == per
+        cfg = RolloutConfig(plan=BranchPlan.tempflow(3, 2), seeds_per_prompt=2, guidance=4.5, max_batch=5)
+        stats = {}
+        batch = rollout(model, ["a cat", "a dog"], reward, cfg, generator=torch.Generator().manual_seed(9),
+                        stats=stats)  # fmt: skip
+        channels = pipe.transformer.config.in_channels // (1 if cls is SD3Model else 4)
+        start = pipe.prepare_latents(4, channels, size, size, model.dtype, model.device,
+                                     torch.Generator().manual_seed(9))  # fmt: skip
+        start = start[0] if isinstance(start, tuple) else start
+        assert torch.equal(batch.state[(batch.step == 0) & (batch.branch == 0)], start.float())
+        assert max(rows) == stats["largest_batch"] == (5 // per) * per
+
+
+def _counting(forward, rows):
+    def counted(x, t, cond, **kw):
+        rows.append(x.shape[0])
+        return forward(x, t, cond, **kw)
+
+    return counted

@@ -4,8 +4,17 @@ import pytest
 import torch
 
 from tempflow import _ext
-from tempflow.models import GaussianMixtureFlow
-from tempflow.rollout import BranchPlan, CallableModel, RolloutBatch, RolloutConfig, naive_rollout, rollout
+from tempflow.models import Conditioning, FlowModel, GaussianMixtureFlow
+from tempflow.rollout import (
+    BranchPlan,
+    CallableModel,
+    RolloutBatch,
+    RolloutConfig,
+    naive_rollout,
+    prompt_major,
+    rollout,
+    start_latents,
+)
 
 FLOW = GaussianMixtureFlow.ring(4, 2.0, 0.3)
 SHIFT = torch.tensor([[0.0, 0.0], [1.0, -1.0], [-2.0, 0.5]])
@@ -128,6 +137,107 @@ def test_engine_with_the_digits_model_matches_the_naive_loop():
     assert fast.images.shape[1:] == (1, 16, 16) and ((fast.reward >= 0) & (fast.reward <= 1)).all()
 
 
+class GuidedFlow(FlowModel):
+    """``velocity`` above as a FlowModel whose classifier-free guidance doubles the forward (the base class's), with
+    every forward's row count recorded."""
+
+    latent_shape, shift, default_guidance = (2,), 3.0, 2.0
+
+    def __init__(self):
+        self.rows = []
+
+    def encode(self, prompts):
+        return Conditioning({"shift": SHIFT[: len(prompts)]}, {"shift": torch.zeros(1, 2)})
+
+    def forward_velocity(self, x, t, cond):
+        self.rows.append(x.shape[0])
+        return FLOW.velocity(x - cond["shift"] * (1 - t[:, None]), t)
+
+    def decode(self, latents):
+        return latents
+
+
+@pytest.mark.parametrize("guidance,cap", [(2.0, 8), (2.0, 5), (2.0, 2), (1.0, 5)])
+def test_max_batch_counts_the_rows_of_a_forward_cfg_pairs_as_two(guidance, cap):
+    model = GuidedFlow()
+    cfg = RolloutConfig(plan=BranchPlan.tempflow(5, 3), seeds_per_prompt=2, guidance=guidance, max_batch=cap,
+                        backend="torch")  # fmt: skip
+    stats = {}
+    fast = rollout(model, PROMPTS, reward, cfg, stats=stats)
+    per_item = 2 if guidance != 1.0 else 1
+    assert max(model.rows) == stats["largest_batch"] == (cap // per_item) * per_item <= cap
+    assert sum(model.rows) == stats["samples_forwarded"] * per_item
+    model.rows.clear()
+    assert_same_rows(fast, naive_rollout(model, PROMPTS, reward, cfg), exact=True)  # rows are computed on their own
+    assert max(model.rows) == 3 * per_item  # the naive loop: the K completions of one branch point together
+
+
+def test_default_max_batch_is_the_official_largest_forward():
+    assert RolloutConfig().max_batch == 48
+    model = GuidedFlow()
+    cfg = RolloutConfig(plan=BranchPlan.tempflow(10, 6), seeds_per_prompt=4, guidance=4.5, backend="torch")
+    stats = {}
+    rollout(model, PROMPTS, reward, cfg, stats=stats)
+    assert max(model.rows) == stats["largest_batch"] == 48 and stats["peak_live_items"] > 24
+    with pytest.raises(ValueError, match="cannot hold one sample"):
+        rollout(model, PROMPTS, reward, RolloutConfig(plan=BranchPlan.tempflow(3, 2), guidance=2.0, max_batch=1))
+
+
+@pytest.mark.parametrize("plan", [PLANS["tempflow"], PLANS["flow-grpo"]], ids=["tempflow", "flow-grpo"])
+def test_given_initial_noise_equals_the_naive_loop_from_the_same_latents(plan):
+    cfg = RolloutConfig(plan=plan, seeds_per_prompt=2, max_batch=7, shuffle=5, backend="torch")
+    x0 = torch.randn(len(PROMPTS) * 2, 2, generator=torch.Generator().manual_seed(3))
+    fast = rollout(velocity, PROMPTS, reward, cfg, latent_shape=(2,), initial_noise=x0)
+    slow = naive_rollout(velocity, PROMPTS, reward, cfg, latent_shape=(2,), initial_noise=x0)
+    assert_same_rows(fast, slow)
+    first = (fast.step == 0) & (fast.branch == 0)  # prompt-major: row p * seeds + s is prompt p's seed s
+    assert torch.equal(fast.state[first], x0)
+    if plan.mode == "branch":  # the deterministic main path from those latents, step by step
+        grid = CallableModel(velocity, (2,)).time_grid(plan.num_steps)
+        x, index = x0.clone(), torch.arange(len(PROMPTS)).repeat_interleave(2)
+        from tempflow import sde
+
+        for k in range(plan.num_steps - 1):
+            assert torch.equal(fast.state[(fast.step == k) & (fast.branch == 0)], x), k
+            x = sde.ode_step(x, velocity(x, grid.sigmas[k].expand(x.shape[0]), index).float(), k, grid)
+    default = rollout(velocity, PROMPTS, reward, cfg, latent_shape=(2,))
+    assert not torch.equal(default.state, fast.state)
+    counter = start_latents(CallableModel(velocity, (2,)), cfg, torch.arange(3))
+    assert_same_rows(default, rollout(velocity, PROMPTS, reward, cfg, latent_shape=(2,), initial_noise=counter))
+
+
+def test_a_generator_draws_the_latents_as_the_diffusers_pipelines_do():
+    from tempflow.models.base import randn_like_diffusers, randn_tensor
+
+    model = GuidedFlow()
+    cfg = RolloutConfig(plan=BranchPlan.tempflow(4, 2), seeds_per_prompt=2, guidance=2.0, backend="torch")
+    batch = rollout(model, PROMPTS, reward, cfg, generator=torch.Generator().manual_seed(7))
+    drawn = randn_tensor((6, 2), generator=torch.Generator().manual_seed(7), device="cpu", dtype=torch.float32)
+    assert torch.equal(batch.state[(batch.step == 0) & (batch.branch == 0)], drawn)
+    per_row = [torch.Generator().manual_seed(i) for i in range(6)]  # Flow-GRPO's create_generator: one per row
+    again = naive_rollout(model, PROMPTS, reward, cfg, generator=[torch.Generator().manual_seed(i) for i in range(6)])
+    assert torch.equal(again.state[(again.step == 0) & (again.branch == 0)],
+                       torch.cat([torch.randn(1, 2, generator=g) for g in per_row]))  # fmt: skip
+    reference = pytest.importorskip("diffusers.utils.torch_utils").randn_tensor
+    for gen in (torch.Generator().manual_seed(7), [torch.Generator().manual_seed(i) for i in range(6)]):
+        mine = randn_like_diffusers((6, 2), generator=gen, device="cpu", dtype=torch.bfloat16)  # without diffusers
+        gen = gen.manual_seed(7) if isinstance(gen, torch.Generator) else [g.manual_seed(i) for i, g in enumerate(gen)]
+        assert torch.equal(mine, reference((6, 2), generator=gen, device="cpu", dtype=torch.bfloat16))
+
+
+def test_an_official_batch_maps_to_the_prompt_major_layout():
+    batch_prompts = ["p1", "p0", "p1", "p2", "p0", "p2"]  # a shuffled K-repeat batch, 2 images per prompt
+    latents = torch.arange(6.0)[:, None].expand(6, 2)
+    prompts, order = prompt_major(batch_prompts)
+    assert prompts == ["p1", "p0", "p2"] and torch.equal(order, torch.tensor([0, 2, 1, 4, 3, 5]))
+    cfg = RolloutConfig(plan=BranchPlan.tempflow(3, 2), seeds_per_prompt=2, backend="torch")
+    out = rollout(velocity, prompts, reward, cfg, latent_shape=(2,), initial_noise=latents[order])
+    first = (out.step == 0) & (out.branch == 0)
+    assert [batch_prompts[int(i)] for i in out.state[first][:, 0]] == [prompts[i] for i in out.prompt_index[first]]
+    with pytest.raises(ValueError, match="equally often"):
+        prompt_major(["a", "a", "b"])
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="latent_shape"):
         rollout(velocity, PROMPTS, reward)
@@ -135,6 +245,14 @@ def test_bad_input():
         BranchPlan.tempflow(5, 2, branch_steps=[0, 5])
     with pytest.raises(ValueError, match="one id per prompt"):
         rollout(velocity, PROMPTS, reward, latent_shape=(2,), prompt_ids=torch.tensor([0, 1]))
+    cfg = RolloutConfig(plan=BranchPlan.tempflow(3, 2), seeds_per_prompt=2)
+    with pytest.raises(ValueError, match=r"initial_noise must be .*\(6, 2\)"):
+        rollout(velocity, PROMPTS, reward, cfg, latent_shape=(2,), initial_noise=torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="not both"):
+        rollout(velocity, PROMPTS, reward, cfg, latent_shape=(2,), initial_noise=torch.zeros(6, 2),
+                generator=torch.Generator())  # fmt: skip
+    with pytest.raises(ValueError, match="one per latent"):
+        rollout(velocity, PROMPTS, reward, cfg, latent_shape=(2,), generator=[torch.Generator()] * 5)
     from tempflow.rewards import RewardError
 
     with pytest.raises(RewardError, match="'bad' returned shape"):

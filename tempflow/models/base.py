@@ -16,7 +16,7 @@ import torch
 
 from .. import sde
 
-__all__ = ["Conditioning", "FlowModel", "sample"]
+__all__ = ["Conditioning", "FlowModel", "sample", "randn_tensor", "randn_like_diffusers"]
 
 
 @dataclass
@@ -110,6 +110,39 @@ class FlowModel:
     def time_grid(self, num_steps: int, device=None) -> sde.TimeGrid:
         return sde.time_grid(num_steps, shift=self.shift, device=device)
 
+    def forward_rows(self, guidance: float | None = None) -> int:
+        """Rows one sample takes in a transformer forward of :meth:`velocity`: 2 with classifier-free guidance
+        (the unconditional and conditional halves go through together), 1 without (``guidance`` 1)."""
+        g = self.default_guidance if guidance is None else float(guidance)
+        return 1 if g == 1.0 else 2
+
+    def samples_per_forward(self, max_rows: int, guidance: float | None = None) -> int:
+        """How many samples one forward may take so that it sees at most ``max_rows`` rows, a CFG pair counting
+        two (what ``max_batch`` bounds in the rollout engine, :func:`sample` and the trainer)."""
+        rows = self.forward_rows(guidance)
+        if int(max_rows) < rows:
+            raise ValueError(f"max_batch={max_rows} rows cannot hold one sample's forward ({rows} rows: "
+                             f"classifier-free guidance forwards a pair); set max_batch >= {rows}")  # fmt: skip
+        return int(max_rows) // rows
+
+    def initial_latents(self, n: int, generator=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``n`` starting latents ``(n, *latent_shape)`` drawn as the diffusers pipelines' ``prepare_latents``
+        draws them: ``randn_tensor(shape, generator, device, dtype)`` (one ``torch.Generator`` for the whole batch,
+        or a list of n, one per row, as Flow-GRPO's ``create_generator`` gives). ``dtype``: the dtype the noise is
+        drawn in (the pipelines use the prompt embeddings'; default :attr:`noise_dtype`)."""
+        shape = (int(n), *self.latent_shape)
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != shape[0]:
+                raise ValueError(f"a list of generators needs one per latent: {len(generator)} for {shape[0]} latents")
+            generator = list(generator)
+        device = getattr(self, "device", None) or torch.device("cpu")
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype or self.noise_dtype)
+
+    @property
+    def noise_dtype(self) -> torch.dtype:
+        """The dtype :meth:`initial_latents` draws in by default (fp32; diffusers adapters: their weights')."""
+        return torch.float32
+
     def velocity(
         self,
         x: torch.Tensor,
@@ -133,12 +166,43 @@ class FlowModel:
         return v_u + g * (v_c - v_u)
 
 
+def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
+    """diffusers' ``randn_tensor`` (the official pipelines' noise), or :func:`randn_like_diffusers` without
+    diffusers: drawn on the generator's device (a CPU generator draws on the CPU, then the tensor moves to
+    ``device``); a list of generators draws row i from generator i."""
+    try:
+        from diffusers.utils.torch_utils import randn_tensor as diffusers_randn
+    except ImportError:
+        return randn_like_diffusers(shape, generator, device, dtype)
+    return diffusers_randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+
+
+def randn_like_diffusers(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
+    """The draws of diffusers' ``randn_tensor`` (as of diffusers 0.42), for installs without diffusers."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    rand_device = device
+    if generator is not None:
+        gen_type = (generator[0] if isinstance(generator, list) else generator).device.type
+        if gen_type != device.type and gen_type == "cpu":
+            rand_device = torch.device("cpu")
+        elif gen_type != device.type:
+            raise ValueError(f"Cannot generate a {device} tensor from a generator of type {gen_type}.")
+    if isinstance(generator, list) and len(generator) == 1:
+        generator = generator[0]
+    shape = tuple(shape)
+    if isinstance(generator, list):
+        rows = [torch.randn((1, *shape[1:]), generator=g, device=rand_device, dtype=dtype) for g in generator]
+        return torch.cat(rows).to(device)
+    return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
+
+
 @torch.no_grad()
 def sample(model: FlowModel, prompts: Sequence[str], steps: int = 10, guidance: float | None = None, seed: int = 0,
-           batch: int = 256, progress: bool = False, noise_ids=None) -> torch.Tensor:  # fmt: skip
+           batch: int = 48, progress: bool = False, noise_ids=None) -> torch.Tensor:  # fmt: skip
     """Deterministic ODE samples (B, *latent_shape) from counter-based initial noise (sample id i, seed): the i-th
     sample does not depend on the batch it is drawn in. ``noise_ids`` (B,): the samples' ids (default 0..B-1), so
-    that a rank's share of a larger set draws the noise the whole set would."""
+    that a rank's share of a larger set draws the noise the whole set would. ``batch``: the most rows one
+    transformer forward sees, a classifier-free-guidance pair counting two (as ``RolloutConfig.max_batch``)."""
     from .. import rng
 
     device = getattr(model, "device", None)
@@ -147,9 +211,10 @@ def sample(model: FlowModel, prompts: Sequence[str], steps: int = 10, guidance: 
     ids_all = torch.arange(len(prompts)) if noise_ids is None else torch.as_tensor(noise_ids, dtype=torch.long)
     if ids_all.shape != (len(prompts),):
         raise ValueError(f"noise_ids must hold one id per prompt ({len(prompts)}), got {tuple(ids_all.shape)}")
+    per = model.samples_per_forward(batch, guidance)
     out = []
-    for start in range(0, len(prompts), batch):
-        index = torch.arange(start, min(start + batch, len(prompts)))
+    for start in range(0, len(prompts), per):
+        index = torch.arange(start, min(start + per, len(prompts)))
         ids = torch.stack([ids_all[index], torch.full_like(index, -1)], 1)
         x = rng.normal(seed, ids, model.latent_shape, device=device)
         for k in range(steps):

@@ -68,6 +68,11 @@ class _DiffusersModel(FlowModel):
         """The denoiser's weight dtype (inputs are cast to it; read live, so casting the transformer is enough)."""
         return next(self.transformer.parameters()).dtype
 
+    @property
+    def noise_dtype(self) -> torch.dtype:
+        """The pipelines draw their starting noise in the prompt embeddings' dtype, which is the weights' here."""
+        return self.dtype
+
     def native_resolution(self) -> int:
         """The pipeline's default image size (diffusers': ``default_sample_size * vae_scale_factor``)."""
         size = getattr(self.pipeline, "default_sample_size", None) or getattr(self.transformer.config, "sample_size",
@@ -179,6 +184,20 @@ class FluxModel(_DiffusersModel):
 
     def time_grid(self, num_steps: int, device=None) -> sde.TimeGrid:
         return sde.flux_time_grid(num_steps, self.latent_shape[0], device=device)
+
+    def forward_rows(self, guidance=None) -> int:
+        return 1 if self.guidance_embeds else super().forward_rows(guidance)
+
+    def initial_latents(self, n: int, generator=None, dtype=None) -> torch.Tensor:
+        """As ``FluxPipeline.prepare_latents``: ``randn_tensor`` of ``(n, C, H/8, W/8)``, then packed."""
+        from .base import randn_tensor
+
+        if isinstance(generator, (list, tuple)) and len(generator) != n:
+            raise ValueError(f"a list of generators needs one per latent: {len(generator)} for {n} latents")
+        generator = list(generator) if isinstance(generator, tuple) else generator
+        z = randn_tensor((int(n), self.channels, self.h, self.w), generator=generator, device=self.device,
+                         dtype=dtype or self.noise_dtype)  # fmt: skip
+        return self.pack(z)
 
     def _encode_texts(self, prompts):
         hidden, pooled, _ = self.pipeline.encode_prompt(

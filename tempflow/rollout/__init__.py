@@ -1,8 +1,9 @@
 """Rollouts: branch plans, the batched tree-rollout engine, and the naive official-style loop it must equal."""
 
 from .batch import RolloutBatch
-from .engine import CallableModel, RolloutConfig, rollout
+from .engine import CallableModel, RolloutConfig, prompt_major, rollout, start_latents
 from .naive import naive_rollout
 from .plan import BranchPlan
 
-__all__ = ["BranchPlan", "RolloutBatch", "RolloutConfig", "CallableModel", "rollout", "naive_rollout"]
+__all__ = ["BranchPlan", "RolloutBatch", "RolloutConfig", "CallableModel", "rollout", "naive_rollout",
+           "start_latents", "prompt_major"]  # fmt: skip

@@ -13,8 +13,8 @@ import torch
 from .. import rng, sde
 from ..models.base import FlowModel
 from .batch import RolloutBatch
-from .engine import RolloutConfig, _assemble, _path_key, _Rows, _setup, score_paths
-from .keys import initial_noise, noise_keys
+from .engine import RolloutConfig, _assemble, _path_key, _Rows, _setup, score_paths, start_latents
+from .keys import noise_keys
 
 __all__ = ["naive_rollout"]
 
@@ -29,15 +29,22 @@ def naive_rollout(
     prompt_ids: torch.Tensor | None = None,
     metadata: Sequence[dict] | None = None,
     latent_shape: Sequence[int] | None = None,
+    initial_noise: torch.Tensor | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     stats: dict | None = None,
 ) -> RolloutBatch:
-    """Same arguments and result as :func:`tempflow.rollout.rollout`."""
+    """Same arguments and result as :func:`tempflow.rollout.rollout` (``initial_noise`` / ``generator`` too: the
+    latents of prompt p's seed s are row ``p * seeds_per_prompt + s``). One forward per main-path step of one seed,
+    and one per completion step of its K branches together, as the official code does (``max_batch`` is not
+    used; ``stats["largest_batch"]`` counts the rows, a CFG pair being two)."""
     cfg, model, grid, table, pid_of = _setup(model, prompts, config, prompt_ids, latent_shape)
     plan, T, K = cfg.plan, cfg.plan.num_steps, cfg.plan.K
     shape = tuple(model.latent_shape)
     rows = _Rows()
     done = {"key": [], "reward": [], "image": [], "prompt": [], "parts": []}
     calls = largest = 0
+    rows_per_item = model.forward_rows(cfg.guidance)
+    x0 = start_latents(model, cfg, pid_of, initial_noise, generator, device=grid.device)
     cond = model.encode(list(prompts))
 
     def finish(x, pi, s, origin, branch):
@@ -54,7 +61,7 @@ def naive_rollout(
     def forward(x, k, pi):
         nonlocal calls, largest
         calls += 1
-        largest = max(largest, x.shape[0])
+        largest = max(largest, x.shape[0] * rows_per_item)
         index = torch.full((x.shape[0],), pi, dtype=torch.long)
         return model.velocity(x, grid.sigmas[k], cond, index, cfg.guidance).float()
 
@@ -62,7 +69,7 @@ def naive_rollout(
         pid = pid_of[pi : pi + 1]
         for s in range(cfg.seeds_per_prompt):
             sid = torch.tensor([s])
-            x = initial_noise(cfg.seed, pid, sid, shape, device=grid.device)
+            x = x0[pi * cfg.seeds_per_prompt + s][None]
             for k in range(T):
                 if plan.mode == "branch" and k > max(plan.sde_steps):
                     break

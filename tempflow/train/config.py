@@ -164,7 +164,9 @@ class TrainConfig:
     ema: float = _f(0.9, "EMA decay of the trainable weights (0 disables)")
     grad_checkpointing: bool = _f(False, "recompute the transformer's activations in backward (less memory)")
     zero_stage: int = _f(-1, "DeepSpeed ZeRO stage 2 or 3; 0: none (one process); -1: 3 when launched on several")
-    max_batch: int = _f(32, "rollout engine's maximum batch per model call")
+    max_batch: int = _f(64, "most rows one transformer forward sees in rollout and evaluation; a classifier-free "
+                            "guidance pair counts two (64 = 32 CFG pairs, the previous default; the official code's "
+                            "largest forward is 48)")  # fmt: skip
     seed: int = _f(0, "run seed (noise streams, prompt order)")
     # --- evaluation --------------------------------------------------------------------------------------------
     eval_every: int = _f(0, "iterations between held-out evaluations (0: only before training and at the end)")
@@ -208,7 +210,7 @@ class TrainConfig:
                 raise SettingError(f"setting {name}={getattr(self, name)!r}: choose one of "
                                    f"{', '.join(map(str, allowed))}")  # fmt: skip
         at_least = {"steps": 1, "branches": 1, "seeds_per_prompt": 1, "prompts_per_iteration": 1, "iterations": 1,
-                    "states_per_step": 1, "max_batch": 1, "checkpoint_every": 1, "eval_steps": 1,
+                    "states_per_step": 1, "max_batch": 2, "checkpoint_every": 1, "eval_steps": 1,
                     "eval_per_prompt": 1, "max_sequence_length": 1, "eval_every": 0, "resolution": 0, "height": 0,
                     "width": 0, "lora_rank": 0, "seed": 0, "eval_seed": 0}  # fmt: skip
         for name, low in at_least.items():

@@ -57,8 +57,9 @@ def evaluate(model: FlowModel, prompts: PromptSource, reward, steps: int = 40, g
         in_grid = valid & (pos < 2 * columns)
     sums: dict[str, float] = {}
     grid_pos, grid_img = [], []
-    for lo in range(0, share, batch):
-        sl = slice(lo, lo + batch)
+    per = model.samples_per_forward(batch, guidance)  # ``batch`` counts rows, a CFG pair two
+    for lo in range(0, share, per):
+        sl = slice(lo, lo + per)
         latents = sample(model, texts[sl], steps, guidance, seed, batch=batch, noise_ids=pos[sl])
         images = model.decode(latents)
         total, parts = score(reward, images, texts[sl], meta[sl])
