@@ -8,12 +8,17 @@ import os
 import torch
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    """``obj`` at ``path``: written to ``path.tmp``, flushed to disk, then renamed over ``path``."""
-    with open(path + ".tmp", "wb") as fh:
+def synced_torch_save(obj, path: str) -> None:
+    """``torch.save`` to ``path``, flushed to disk before it returns."""
+    with open(path, "wb") as fh:
         torch.save(obj, fh)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """``obj`` at ``path``: written to ``path.tmp``, flushed to disk, then renamed over ``path``."""
+    synced_torch_save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 

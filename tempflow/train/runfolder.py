@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from .._io import atomic_torch_save
+from .._io import synced_torch_save
 from .config import SettingError, TrainConfig
 
 __all__ = ["RunFolder", "RunFolderError", "CheckpointError", "effective_config", "read_checkpoint", "HARMLESS"]
@@ -297,7 +297,7 @@ class RunFolder:
         """``checkpoint.pt``, written beside, read back and checked, then put in place; the checkpoint it replaces
         becomes ``checkpoint.prev.pt``. (Main process only.)"""
         final, tmp = self.path(CHECKPOINT), self.path(CHECKPOINT) + ".tmp"
-        atomic_torch_save(state, tmp)
+        synced_torch_save(state, tmp)
         try:
             back = _load(tmp, mmap=True)
         except Exception as exc:  # noqa: BLE001
