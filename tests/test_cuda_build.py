@@ -2,14 +2,22 @@
 
 The kernels (csrc/cuda/branch_kernels.cu) include no torch header, so nvcc compiles them as they are; the binding
 (csrc/cuda/register.cpp) is syntax-checked against torch's headers. On a machine with a CUDA torch the extension is
-really built by setup.py and tested in test_ops.py instead."""
+really built by setup.py and tested in test_ops.py instead.
+
+The kernels are compiled to cubin for sm_80 and sm_90 with ``-Xptxas -v`` (tempflow.compilecheck.nvcc_check, the same
+flags as setup.py): every kernel instantiation must compile without spills and within the shared memory limits; the
+registers, spills and shared memory per kernel go into the table of ``python -m tempflow.compilecheck``
+(bench/results/compile_targets.md)."""
 
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
 
 import pytest
+
+from tempflow import compilecheck
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NVCC = shutil.which("nvcc")
@@ -32,12 +40,61 @@ def _run(cmd):
     return done
 
 
-def test_kernels_compile_with_nvcc(tmp_path):
-    src = os.path.join(ROOT, "csrc", "cuda", "branch_kernels.cu")
-    out = tmp_path / "branch_kernels.o"
-    cmd = [NVCC, "-std=c++17", "-O3", "--fmad=false", "-gencode=arch=compute_90,code=sm_90"]
-    _run([*cmd, "-I", os.path.join(ROOT, "csrc"), "-c", src, "-o", str(out)])
-    assert out.stat().st_size > 0
+@pytest.fixture(scope="module")
+def nvcc_results():
+    """``branch_kernels.cu`` compiled for sm_80 and sm_90 (in parallel), one result per kernel instantiation."""
+    return compilecheck.nvcc_check(compilecheck.TARGETS, NVCC)
+
+
+@pytest.mark.parametrize("arch", compilecheck.TARGETS)
+def test_kernels_compile_with_nvcc(nvcc_results, arch):
+    results = [r for r in nvcc_results if r.target == arch]
+    assert results and not any(r.error for r in results), "\n".join(r.error for r in results)
+    problems = [f"{r.kernel}: {p}" for r in results for p in r.problems]
+    assert not problems, "\n".join(problems)
+    # every __global__ kernel of the file is instantiated (launched) and reported
+    with open(compilecheck.CUDA_SOURCE) as f:
+        kernels = set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)", f.read()))
+    assert kernels and {r.kernel.split("<")[0] for r in results} == kernels
+    for r in results:
+        assert r.registers and r.spill_stores == 0 and r.spill_loads == 0, r
+        assert r.shared <= compilecheck.SMEM_LIMIT[arch], r
+
+
+_BROKEN_CU = {
+    # 64 values live per thread under __launch_bounds__(1024, 2), i.e. at most 32 registers: ptxas spills
+    "spill.cu": """
+__global__ void __launch_bounds__(1024, 2) spill_kernel(const float* __restrict__ x, float* __restrict__ y, int n) {
+  float v[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) v[i] = x[threadIdx.x + i * n];
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 64; ++i) s += v[i] * v[(i * 7 + 3) % 64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) y[threadIdx.x + i * n] = v[i] / s;
+}
+""",
+    # 64 KB of static shared memory: over the 48 KB that a block may declare statically
+    "shared.cu": """
+__global__ void big_shared_kernel(float* y) {
+  __shared__ float buf[16384];
+  buf[threadIdx.x] = y[threadIdx.x];
+  __syncthreads();
+  y[threadIdx.x] = buf[(threadIdx.x + 1) % 16384];
+}
+""",
+}
+
+
+def test_nvcc_check_catches_spills_and_shared_memory(tmp_path):
+    for name, text in _BROKEN_CU.items():
+        (tmp_path / name).write_text(text)
+    spill = compilecheck.nvcc_check([90], NVCC, str(tmp_path / "spill.cu"))
+    assert [r.kernel for r in spill] == ["spill_kernel"] and spill[0].spill_stores > 0
+    assert spill[0].problems and spill[0].problems[0].startswith("spills"), spill[0].problems
+    shared = compilecheck.nvcc_check([80], NVCC, str(tmp_path / "shared.cu"))
+    assert len(shared) == 1 and "too much shared data" in shared[0].problems[0], shared[0].problems
 
 
 def test_binding_compiles_against_torch_headers(tmp_path):
