@@ -8,7 +8,7 @@ Layers (each importable on its own):
   tempflow.rewards    the reward protocol and built-in rewards
   tempflow.rollout    branch plans, the batched tree-rollout engine, the naive reference loop
   tempflow.train      advantages and the trainer loop
-  tempflow.compat     drop-in replacements for other codebases' functions (flow_grpo)
+  tempflow.compat     drop-in step functions of Flow-GRPO (flow_grpo) and TempFlow-GRPO (tempflow_grpo)
 """
 
 __version__ = "0.1.0"

@@ -1,8 +1,10 @@
 """Drop-in replacement for Flow-GRPO's ``sde_step_with_logprob`` (flow_grpo/diffusers_patch/sd3_sde_with_logprob.py).
 
-Same signature, same return tuple, same numbers (to fp32 rounding) and, given the same ``generator``, the
-same noise bit for bit; but the step indices are found with one vectorised comparison instead of one
-``.item()`` per sample, and the per-step coefficients come from cached device tables (:mod:`tempflow.sde`).
+Same signature, same return tuple and shapes, same numbers (to fp32 rounding) and, given the same ``generator``, the
+same noise bit for bit; ``noise_level=0`` (Flow-GRPO's evaluation) is the deterministic Euler step, as in the
+original. What differs is the cost: the step indices come from one vectorised comparison instead of one ``.item()``
+per sample, the coefficients from a cached table, and the elementwise work from the fused kernels of
+:mod:`tempflow.ops` (one pass for the sample, its log-prob and the mean; two when scoring a given sample).
 
 Use it directly::
 
@@ -12,22 +14,23 @@ or swap it into an imported Flow-GRPO checkout without editing it::
 
     import flow_grpo.diffusers_patch.sd3_pipeline_with_logprob
     from tempflow.compat import flow_grpo as tf_compat
-    tf_compat.patch()          # every module holding Flow-GRPO's function now holds ours
+    tf_compat.patch()   # every module holding Flow-GRPO's function now holds ours
+
+``patch()`` recognises Flow-GRPO's function by its signature and by its numbers on a tiny input
+(:mod:`tempflow.compat._patch`), not by its package: TempFlow-GRPO's functions, in a package also named
+``flow_grpo``, are left alone (see :mod:`tempflow.compat.tempflow_grpo`).
 """
 
 from __future__ import annotations
 
-import sys
-from collections import OrderedDict
-
 import torch
 
-from .. import sde
+from . import _core, _patch
+from ._core import step_indices
+from ._patch import Patch
 
 __all__ = ["sde_step_with_logprob", "step_indices", "randn_tensor", "patch", "Patch"]
 
-_TABLE_CACHE: OrderedDict = OrderedDict()
-_TABLE_CACHE_SIZE = 16
 _SDE_TYPES = {"sde": "flow-grpo", "cps": "cps"}
 
 
@@ -57,37 +60,10 @@ def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None) ->
     return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype, layout=layout).to(device)
 
 
-def _table(scheduler, noise_level: float, schedule: str, device: torch.device) -> sde.SDETable:
-    """The scheduler's coefficient table, cached while its ``sigmas`` tensor is unchanged."""
-    sigmas = scheduler.sigmas
-    key = (id(sigmas), sigmas._version, id(scheduler.timesteps), float(noise_level), schedule, str(device))
-    hit = _TABLE_CACHE.get(key)
-    if hit is not None and hit[0] is sigmas:
-        _TABLE_CACHE.move_to_end(key)
-        return hit[1]
-    table = sde.sde_table(sde.grid_from_scheduler(scheduler, device=device), schedule, noise_level)
-    _TABLE_CACHE[key] = (sigmas, table)  # holding sigmas keeps its id from being reused while cached
-    while len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.popitem(last=False)
-    return table
-
-
-def step_indices(schedule_timesteps: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-    """Vectorised ``scheduler.index_for_timestep`` for each entry of ``timestep`` (exact match; where a value
-    occurs more than once the second occurrence is taken, as diffusers does). One host synchronisation, to
-    raise a clear error for a value that is not on the grid."""
-    ts = schedule_timesteps.reshape(1, -1)
-    tq = timestep.reshape(-1, 1).to(device=ts.device, dtype=ts.dtype)
-    match = tq == ts
-    count = match.sum(dim=1)
-    if not bool((count > 0).all()):
-        missing = tq.reshape(-1)[count == 0].tolist()
-        raise ValueError(
-            f"timestep value(s) {missing} are not on the scheduler's grid {schedule_timesteps.tolist()}; pass "
-            "values taken from scheduler.timesteps (after set_timesteps with the same number of steps)"
-        )
-    want = torch.where(count > 1, 2, 1)  # diffusers: `pos = 1 if len(indices) > 1 else 0`
-    return (match & (match.cumsum(dim=1) == want.unsqueeze(1))).to(torch.int8).argmax(dim=1)
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """What the kernels read as is (fp32, bf16, fp16: the maths is fp32 either way, as after Flow-GRPO's
+    ``.float()``); anything else is upcast first."""
+    return t if t.dtype in (torch.float32, torch.bfloat16, torch.float16) else t.float()
 
 
 def sde_step_with_logprob(
@@ -106,94 +82,68 @@ def sde_step_with_logprob(
     Args:
         scheduler: a diffusers ``FlowMatchEulerDiscreteScheduler`` after ``set_timesteps`` (anything with
             ``sigmas`` ``(T+1,)`` and ``timesteps`` ``(T,)`` tensors).
-        model_output: velocity ``(B, ...)``, any float dtype (upcast to fp32).
+        model_output: velocity ``(B, ...)``, any float dtype (computed in fp32, as after Flow-GRPO's upcast).
         timestep: 1-D tensor of length 1 or B holding scheduler timestep values (``scheduler.timesteps[k]``).
         sample: the state ``x_t`` ``(B, ...)``.
-        noise_level: ``a`` of ``sigma_t = a sqrt(t / (1 - t))`` (sde) or of ``sin(a pi / 2)`` (cps).
+        noise_level: ``a`` of ``sigma_t = a sqrt(t / (1 - t))`` (sde) or of ``sin(a pi / 2)`` (cps); 0 gives the
+            deterministic step (Euler for sde) and a non-finite log-prob, as in Flow-GRPO's evaluation.
         prev_sample: score this ``x_next`` instead of drawing one (detached inside the log-prob).
-        generator: as for diffusers' ``randn_tensor`` (noise drawn in fp32 with the velocity's shape).
+        generator: as for diffusers' ``randn_tensor`` (noise drawn in fp32 with the velocity's shape; drawn also
+            at ``noise_level=0``, so the generator advances as the original's does).
         sde_type: ``"sde"`` (Flow-GRPO) or ``"cps"`` (coefficients-preserving).
         return_sqrt_dt: also return ``sqrt(-dt)``.
 
     Returns:
-        ``(prev_sample, log_prob, prev_sample_mean, std_dev_t)`` and ``sqrt(-dt)`` when asked: fp32;
-        ``log_prob`` ``(B,)``; ``std_dev_t`` and ``sqrt(-dt)`` ``(B, 1, ..., 1)``. For ``sde`` ``std_dev_t`` is
-        ``sigma_t`` without the ``sqrt(-dt)`` factor; for ``cps`` it is ``t_next sin(a pi / 2)`` and
-        ``log_prob = -mean (prev_sample - prev_sample_mean)^2``.
+        ``(prev_sample, log_prob, prev_sample_mean, std_dev_t)`` and ``sqrt(-dt)`` when asked, fp32: ``log_prob``
+        ``(B,)``; ``std_dev_t`` and ``sqrt(-dt)`` ``(n, 1, ..., 1)`` with ``n`` the timestep's length, as the
+        original. For ``sde`` ``std_dev_t`` is ``sigma_t`` without the ``sqrt(-dt)`` factor; for ``cps`` it is
+        ``t_next sin(a pi / 2)`` and ``log_prob = -mean (prev_sample - prev_sample_mean)^2``.
     """
     if sde_type not in _SDE_TYPES:
         raise ValueError(f"sde_type must be 'sde' or 'cps', got {sde_type!r}")
-    model_output = model_output.float()
-    sample = sample.float()
-    if model_output.shape != sample.shape:
-        raise ValueError(
-            f"model_output shape {tuple(model_output.shape)} does not match sample shape {tuple(sample.shape)}"
-        )
+    _core.check_inputs(model_output, sample)
+    v, x = _fp32(model_output), _fp32(sample)
     if prev_sample is not None:
         prev_sample = prev_sample.float()
         if prev_sample.shape != sample.shape:
             raise ValueError(f"prev_sample shape {tuple(prev_sample.shape)} does not match {tuple(sample.shape)}")
-    batch = sample.shape[0]
-    timestep = torch.as_tensor(timestep).reshape(-1)
-    if timestep.numel() not in (1, batch):
-        raise ValueError(f"timestep must hold 1 or B={batch} values, got {timestep.numel()}")
+    table = _core.table_for(scheduler, noise_level, _SDE_TYPES[sde_type], x.device)
+    idx, rows = _core.steps(scheduler, timestep, x.shape[0], x.device)
 
-    table = _table(scheduler, noise_level, _SDE_TYPES[sde_type], sample.device)
-    step = step_indices(scheduler.timesteps, timestep).to(sample.device).expand(batch)
-    mean = sde.sde_mean(sample, model_output, step, table)
-    std = sde.at_step(table.std, step, sample)
     if prev_sample is None:
-        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
-        prev_sample = mean + std * noise
-    log_prob = sde.log_prob(prev_sample, mean, std, kind=table.logprob_kind)
+        noise = _core.draw_noise(
+            model_output.shape, generator, model_output.device, torch.float32, randn_tensor, not _core.grad_needed(x, v)
+        )
+        prev_sample, log_prob, mean = _core.sample(x, v, noise, rows, table)
+    else:
+        mean = _core.mean(x, v, rows, table)
+        log_prob = _core.score(x, v, prev_sample, rows, table)
 
-    std_dev_t = sde.at_step(table.sigma, step, sample)  # sigma_t; for cps the table's sigma is its std
+    std_dev_t = _core.column(table.sigma, idx, x.dim())  # sigma_t; for cps the table's sigma is its std
     if return_sqrt_dt:
-        sqrt_dt = torch.sqrt(-sde.at_step(table.dt, step, sample))
-        return prev_sample, log_prob, mean, std_dev_t, sqrt_dt
+        return prev_sample, log_prob, mean, std_dev_t, torch.sqrt(-_core.column(table.dt, idx, x.dim()))
     return prev_sample, log_prob, mean, std_dev_t
 
 
-class Patch:
-    """Record of a :func:`patch`: ``undo()`` (or leaving the ``with`` block) restores the originals."""
-
-    def __init__(self, replaced: list[tuple[object, str, object]]):
-        self.replaced = replaced
-
-    @property
-    def modules(self) -> list[str]:
-        return [getattr(m, "__name__", repr(m)) for m, _, _ in self.replaced]
-
-    def undo(self) -> None:
-        for module, name, original in reversed(self.replaced):
-            setattr(module, name, original)
-        self.replaced = []
-
-    def __enter__(self) -> Patch:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.undo()
+sde_step_with_logprob.__tempflow_compat__ = _patch.FLOW_GRPO
 
 
-def patch(package: str = "flow_grpo", name: str = "sde_step_with_logprob") -> Patch:
-    """Swap tempflow's step into every imported module that holds ``package``'s function ``name``: the defining
-    module, the pipelines that imported it, and training scripts (``__main__``) that did ``from ... import``.
+def patch(package: str | None = None, name: str = "sde_step_with_logprob") -> Patch:
+    """Put :func:`sde_step_with_logprob` in place of Flow-GRPO's function in every imported module that holds it:
+    the defining module, the pipelines that imported it, and training scripts (``__main__``) that did
+    ``from ... import``.
+
+    A function is replaced only when it is Flow-GRPO's: its signature (``noise_level``, ``prev_sample``,
+    ``generator``, then optionally ``sde_type`` and ``return_sqrt_dt``) and its numbers on a tiny input are
+    Flow-GRPO's. Other functions of that name (TempFlow-GRPO's per-step function and scorer, in a package also named
+    ``flow_grpo``) are left alone and listed in ``Patch.skipped``; when none is Flow-GRPO's, ``RuntimeError`` says
+    what was found. ``package`` optionally keeps only functions defined in that package.
 
     Import the Flow-GRPO modules first. Returns a :class:`Patch`; ``with patch(): ...`` undoes it on exit.
     """
-    replaced = []
-    for module in list(sys.modules.values()):
-        fn = getattr(module, name, None) if module is not None else None
-        if fn is None or fn is sde_step_with_logprob:
-            continue
-        origin = getattr(fn, "__module__", "") or ""
-        if origin == package or origin.startswith(package + "."):
-            replaced.append((module, name, fn))
-            setattr(module, name, sde_step_with_logprob)
-    if not replaced:
-        raise RuntimeError(
-            f"no imported module holds {package}'s {name}: import the {package} modules (e.g. "
-            f"{package}.diffusers_patch.sd3_sde_with_logprob) before calling tempflow.compat.flow_grpo.patch()"
-        )
-    return Patch(replaced)
+    return _patch.apply(
+        {_patch.FLOW_GRPO: lambda ident: sde_step_with_logprob},
+        "tempflow.compat.flow_grpo.patch()",
+        name=name,
+        package=package,
+    )
