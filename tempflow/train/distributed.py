@@ -20,6 +20,7 @@ train ...`` (each sets RANK / WORLD_SIZE / LOCAL_RANK); on CPU the ranks talk ov
 from __future__ import annotations
 
 import atexit
+import datetime
 import importlib
 import os
 from contextlib import contextmanager
@@ -150,6 +151,13 @@ def deepspeed_config(zero_stage: int, grad_clip: float, precision: str) -> dict:
 
 def _destroy_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
+        # every rank reaches teardown before any closes its connections (a rank whose peer is already gone can
+        # abort in gloo's threads); bounded, so a rank left alone by a failed peer still exits
+        try:
+            if dist.get_world_size() > 1 and dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+        except Exception:  # noqa: BLE001 - a peer that failed: tear down anyway
+            pass
         dist.destroy_process_group()
 
 
