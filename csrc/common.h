@@ -24,5 +24,4 @@ inline at::Tensor branch_input(const at::Tensor& t, const at::Tensor& x) {
       "(Tensor, Tensor)");                                                                                          \
   m.def(                                                                                                            \
       "branch_logp_backward(Tensor alpha, Tensor beta, Tensor v, Tensor x, Tensor actions, Tensor coef_x, "         \
-      "Tensor coef_v, Tensor? v_ref) -> Tensor");                                                                   \
-  m.def("cfg_ode_step(Tensor x, Tensor v_uncond, Tensor v_cond, Tensor guidance, Tensor dt) -> Tensor")
+      "Tensor coef_v, Tensor? v_ref) -> Tensor")

@@ -92,18 +92,6 @@ def _logp_backward_kernel(
     tl.store(grad_ptr + b * D + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _cfg_ode_kernel(x_ptr, vu_ptr, vc_ptr, g_ptr, dt_ptr, out_ptr, D, BLOCK: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < D
-    x = tl.load(x_ptr + b * D + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(vu_ptr + b * D + offs, mask=mask, other=0.0).to(tl.float32)
-    c = tl.load(vc_ptr + b * D + offs, mask=mask, other=0.0).to(tl.float32)
-    vel = u + tl.load(g_ptr + b) * (c - u)
-    tl.store(out_ptr + b * D + offs, x + tl.load(dt_ptr + b) * vel, mask=mask)
-
-
 # ---- launchers: the same contract as the C++ ops (csrc/cpu/ops.h) --------------------------------------------
 
 
@@ -160,12 +148,3 @@ def branch_logp_backward(alpha, beta, v, x, actions, coef_x, coef_v, v_ref):
         HAS_REF=has_ref, BLOCK=BLOCK, **_LAUNCH,
     )  # fmt: skip
     return grad
-
-
-def cfg_ode_step(x, v_uncond, v_cond, guidance, dt):
-    b, d = x.shape
-    out = _alloc((b, d), torch.float32, x.device)
-    _cfg_ode_kernel[_grid(b, d)](
-        x.contiguous(), v_uncond.contiguous(), v_cond.contiguous(), guidance, dt, out, d, BLOCK=BLOCK, **_LAUNCH
-    )
-    return out

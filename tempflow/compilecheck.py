@@ -20,7 +20,7 @@ static ``smem``.
 
 How the specialisations are found: :data:`VARIANTS` x :func:`_launch_cases` call the public ops (``branch_step``
 with noise and with keys, with and without the mean; ``branch_logp_kl`` with and without a reference velocity, and
-its backward; ``cfg_ode_step``; ``philox_normal``) with CPU tensors and the ``triton`` backend, and the Triton launch
+its backward; ``philox_normal``) with CPU tensors and the ``triton`` backend, and the Triton launch
 is intercepted (``JITFunction.run``): nothing runs, but Triton's own binder turns each launch's arguments into the
 signature, constexprs, alignment / ``== 1`` attributes and options (``num_warps``, ``enable_fp_fusion``, ...) that a
 GPU launch would compile. :func:`coverage_problems` then checks that every kernel of ``kernels/`` was launched, every
@@ -283,7 +283,6 @@ def _launch_cases(shape: str, dtypes: str) -> list[tuple[str, Callable[[], objec
 
     cases = [(label, sample(n, m)) for n in (True, False) for m in (False, True)]
     cases += [(label, logp_kl(r)) for r in (False, True)]
-    cases.append((label, lambda: ops.cfg_ode_step(x, v, v.clone(), 4.5, step, table, backend="triton")))
     offset = 0 if shape == "typical" else d  # a continuation of the stream, not a multiple of 16
     cases.append((shape, lambda: ops.philox_normal(keys.reshape(-1), d, offset, backend="triton")))
     return cases

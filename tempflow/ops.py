@@ -5,7 +5,6 @@ Ops (each with the pure-torch reference of :mod:`tempflow.reference` as its ``to
   :func:`branch_score`      log-probs of K given samples (no grad)
   :func:`branch_logp_kl`    K log-probs and the exact KL, differentiable in the velocity
   :func:`branch_grpo_loss`  the GRPO loss of K actions per state: one forward and one backward pass over memory
-  :func:`cfg_ode_step`      classifier-free guidance combine and the ODE step
   :func:`philox_normal`     counter-based noise (tempflow.rng's stream)
 
 Backends:
@@ -38,7 +37,6 @@ __all__ = [
     "branch_score",
     "branch_logp_kl",
     "branch_grpo_loss",
-    "cfg_ode_step",
     "philox_normal",
 ]
 
@@ -218,23 +216,6 @@ def _branch_logp_backward(ctx, grad_sums, grad_kl):
 
 
 _branch_logp_op.register_autograd(_branch_logp_backward, setup_context=_branch_logp_setup)
-
-
-@torch.library.custom_op("tempflow::cfg_ode_step", mutates_args=())
-def _cfg_ode_op(
-    x: torch.Tensor,
-    v_uncond: torch.Tensor,
-    v_cond: torch.Tensor,
-    guidance: torch.Tensor,
-    dt: torch.Tensor,
-    backend: str,
-) -> torch.Tensor:
-    return _impl(backend).cfg_ode_step(x, v_uncond, v_cond, guidance, dt)
-
-
-@_cfg_ode_op.register_fake
-def _(x, v_uncond, v_cond, guidance, dt, backend):
-    return torch.empty_like(x, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -428,27 +409,3 @@ def branch_grpo_loss(
         raise ValueError(f"beta = {beta} needs v_ref, the reference model's velocity at the same states")
     logp, kl = branch_logp_kl(v, x, actions, step, table, v_ref, backend=backend)
     return objective.grpo_objective(logp, old_logp, adv, weight, clip_eps, beta, kl if v_ref is not None else None)
-
-
-def cfg_ode_step(
-    x: torch.Tensor,
-    v_uncond: torch.Tensor,
-    v_cond: torch.Tensor,
-    guidance,
-    step,
-    grid: sde.TimeGrid | sde.SDETable,
-    *,
-    backend: str | None = None,
-) -> torch.Tensor:
-    """Classifier-free guidance and the ODE step in one pass: ``x + dt[k] (v_u + g (v_c - v_u))`` (fp32).
-    ``guidance`` is a float or a ``(B,)`` tensor."""
-    _check_state(x, v_uncond, "unconditional velocity")
-    _check_state(x, v_cond, "conditional velocity")
-    name = resolve_backend(x.device, backend)
-    if name == "torch":
-        return reference.cfg_ode_step(x, v_uncond, v_cond, guidance, step, grid)
-    b, d = x.shape[0], x[0].numel()
-    dt_col = grid.dt if isinstance(grid, sde.SDETable) else grid.sigmas[1:] - grid.sigmas[:-1]
-    g = torch.as_tensor(guidance, dtype=torch.float32, device=x.device).reshape(-1).expand(b).contiguous()
-    out = _cfg_ode_op(_flat(x, b, d), _flat(v_uncond, b, d), _flat(v_cond, b, d), g, _row(dt_col, step, x), name)
-    return out.reshape(x.shape)

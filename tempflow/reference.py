@@ -45,12 +45,3 @@ def branch_grpo_loss(
     """The GRPO loss of K actions per state (:func:`tempflow.objective.grpo_objective`)."""
     logp, kl = branch_logp_kl(v, x, actions, step, table, v_ref)
     return objective.grpo_objective(logp, old_logp, adv, weight, clip_eps, beta, kl if v_ref is not None else None)
-
-
-def cfg_ode_step(x, v_uncond, v_cond, guidance, step, grid) -> torch.Tensor:
-    """Classifier-free guidance then the ODE step: ``x + dt (v_u + g (v_c - v_u))`` in fp32."""
-    g = torch.as_tensor(guidance, dtype=torch.float32, device=x.device)
-    if g.dim() == 1:
-        g = g.reshape(-1, *([1] * (x.dim() - 1)))
-    v = v_uncond.float() + g * (v_cond.float() - v_uncond.float())
-    return sde.ode_step(x, v, step, grid)

@@ -19,7 +19,7 @@ tl = pytest.importorskip("triton.language")
 from tempflow import compilecheck  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNELS = {"_sample_kernel", "_logp_kernel", "_logp_backward_kernel", "_cfg_ode_kernel", "_philox_normal_kernel"}
+KERNELS = {"_sample_kernel", "_logp_kernel", "_logp_backward_kernel", "_philox_normal_kernel"}
 
 
 # ---- deliberately broken kernels (module level: the subprocess imports this file to compile them) --------------------

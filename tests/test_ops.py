@@ -173,19 +173,6 @@ def test_kl_alone(backend):
     assert torch.equal(zero, torch.zeros_like(zero))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-def test_cfg_ode_step(backend, dtype):
-    backend, device = backend
-    grid = sde.time_grid(10, device=device)
-    x, vu, _, steps = _inputs(SHAPES["sd3-4092"], dtype, 1, device)
-    vc = vu.float().flip(0).to(dtype)
-    for guidance in (4.5, torch.tensor([1.0, 7.0], device=device)):
-        ref = ops.cfg_ode_step(x, vu, vc, guidance, steps, grid, backend="torch")
-        out = ops.cfg_ode_step(x, vu, vc, guidance, steps, grid, backend=backend)
-        assert out.dtype == torch.float32 and torch.equal(out, ref)
-
-
 def test_cpu_results_do_not_depend_on_thread_count():
     if not _ext.load("_C")[0]:
         pytest.skip("C++ extension not built")
@@ -247,6 +234,7 @@ def test_bad_input():
                 torch.randn(2, 5), torch.randn(2, 5), torch.randn(2, 1, 5), torch.zeros(3), torch.zeros(2), None
             )
         with pytest.raises(RuntimeError, match="must be float32, bfloat16 or float16"):
-            torch.ops.tempflow_cpu.cfg_ode_step(
-                torch.zeros(2, 5, dtype=torch.int32), torch.zeros(2, 5), torch.zeros(2, 5), torch.ones(2), torch.ones(2)
-            )
+            torch.ops.tempflow_cpu.branch_logp(
+                torch.zeros(2, 5, dtype=torch.int32), torch.zeros(2, 5), torch.zeros(2, 1, 5), torch.ones(2),
+                torch.ones(2), None,
+            )  # fmt: skip

@@ -1,4 +1,4 @@
-// Fused K-branch SDE step, K-action log-probs (+ exact-KL sums) and their backward, and the CFG + ODE step, on CPU.
+// Fused K-branch SDE step, K-action log-probs (+ exact-KL sums) and their backward, on CPU.
 //
 // Layout: a batch row b holds D contiguous elements (any latent shape, flattened); branch tensors are (B, K, D).
 // Work is cut into (row, block of kBlock elements) tasks run by at::parallel_for. Each task keeps the block's
@@ -186,20 +186,6 @@ void logp_backward_kernel(const float* alpha, const float* beta, const TV* v, co
   });
 }
 
-template <typename TS, typename TV>
-void cfg_ode_kernel(const TS* x, const TV* vu, const TV* vc, const float* g, const float* dt, int64_t B, int64_t D,
-                    float* out) {
-  at::parallel_for(0, B * D, kBlock, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / D;
-      const float u = static_cast<float>(vu[i]);
-      const float c = static_cast<float>(vc[i]);
-      const float vel = u + g[b] * (c - u);
-      out[i] = static_cast<float>(x[i]) + dt[b] * vel;
-    }
-  });
-}
-
 // Dispatch over the state dtype (x), the velocity dtype (v, v_ref) and the branch dtype (noise, actions), the
 // last being either fp32 or the state's dtype (anything else is converted to fp32 at the API edge).
 #define TEMPFLOW_CASES(...)                           \
@@ -322,24 +308,6 @@ at::Tensor branch_logp_backward_cpu(const at::Tensor& alpha, const at::Tensor& b
                                          B, K, D, grad.data_ptr<vel_t>());
   });
   return grad;
-}
-
-at::Tensor cfg_ode_step_cpu(const at::Tensor& x_in, const at::Tensor& vu_in, const at::Tensor& vc_in,
-                            const at::Tensor& guidance, const at::Tensor& dt) {
-  TORCH_CHECK(x_in.dim() == 2, "cfg_ode_step: x must be (B, D), got ", x_in.sizes());
-  const int64_t B = x_in.size(0), D = x_in.size(1);
-  check_2d(x_in, "cfg_ode_step: x", B, D);
-  check_2d(vu_in, "cfg_ode_step: v_uncond", B, D);
-  check_2d(vc_in, "cfg_ode_step: v_cond", B, D);
-  check_rows(guidance, "cfg_ode_step: guidance", B);
-  check_rows(dt, "cfg_ode_step: dt", B);
-  const at::Tensor x = x_in.contiguous(), vu = vu_in.contiguous(), vc = vc_in.to(vu.scalar_type()).contiguous();
-  at::Tensor out = alloc({B, D}, x.options().dtype(at::kFloat));
-  TEMPFLOW_DISPATCH_SVA(x.scalar_type(), vu.scalar_type(), true, "cfg_ode_step", [&] {
-    cfg_ode_kernel<state_t, vel_t>(x.data_ptr<state_t>(), vu.data_ptr<vel_t>(), vc.data_ptr<vel_t>(),
-                                   guidance.data_ptr<float>(), dt.data_ptr<float>(), B, D, out.data_ptr<float>());
-  });
-  return out;
 }
 
 }  // namespace tempflow

@@ -33,8 +33,4 @@ at::Tensor branch_logp_backward_cpu(const at::Tensor& alpha, const at::Tensor& b
                                     const at::Tensor& x, const at::Tensor& actions, const at::Tensor& cx,
                                     const at::Tensor& cv, const std::optional<at::Tensor>& v_ref);
 
-// x + dt[b] (v_u + g[b] (v_c - v_u)) in fp32; x (B, D), v_u / v_c (B, D), dt / g (B,)
-at::Tensor cfg_ode_step_cpu(const at::Tensor& x, const at::Tensor& v_uncond, const at::Tensor& v_cond,
-                            const at::Tensor& guidance, const at::Tensor& dt);
-
 }  // namespace tempflow

@@ -17,7 +17,6 @@ TORCH_LIBRARY_IMPL(tempflow_cpu, CPU, m) {
   m.impl("branch_sample", &tempflow::branch_sample_cpu);
   m.impl("branch_logp", &tempflow::branch_logp_cpu);
   m.impl("branch_logp_backward", &tempflow::branch_logp_backward_cpu);
-  m.impl("cfg_ode_step", &tempflow::cfg_ode_step_cpu);
 }
 
 // The module itself is empty: importing it registers the ops above with torch.

@@ -155,23 +155,6 @@ __global__ void __launch_bounds__(kThreads) logp_backward_kernel(
   }
 }
 
-template <typename TS, typename TV>
-__global__ void __launch_bounds__(kThreads) cfg_ode_kernel(const TS* __restrict__ x, const TV* __restrict__ vu,
-                                                           const TV* __restrict__ vc, const float* __restrict__ g,
-                                                           const float* __restrict__ dt, int64_t D,
-                                                           float* __restrict__ out) {
-  const int64_t b = blockIdx.y;
-  const int64_t base = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.x;
-#pragma unroll
-  for (int j = 0; j < kVec; ++j) {
-    const int64_t i = base + j * kThreads;
-    if (i >= D) continue;
-    const float u = to_f(vu[b * D + i]);
-    const float vel = u + g[b] * (to_f(vc[b * D + i]) - u);
-    out[b * D + i] = to_f(x[b * D + i]) + dt[b] * vel;
-  }
-}
-
 // ---- dtype dispatch: codes 0 = float32, 1 = bfloat16, 2 = float16 ----------------------------------------------
 
 template <typename F>
@@ -243,17 +226,6 @@ cudaError_t launch_logp_backward(const float* alpha, const float* beta, const vo
     logp_backward_kernel<TS, TV, TA><<<grid_for(B, D), kThreads, 0, stream>>>(
         alpha, beta, static_cast<const TV*>(v), static_cast<const TS*>(x), static_cast<const TA*>(actions), cx, cv,
         static_cast<const TV*>(v_ref), D, static_cast<int>(K), static_cast<TV*>(grad));
-  });
-  return cudaGetLastError();
-}
-
-cudaError_t launch_cfg_ode(const void* x, const void* vu, const void* vc, const float* g, const float* dt, int64_t B,
-                           int64_t D, int state_type, int vel_type, float* out, cudaStream_t stream) {
-  with_types(state_type, vel_type, 0, [&](auto s, auto ve, auto) {
-    using TS = decltype(s);
-    using TV = decltype(ve);
-    cfg_ode_kernel<TS, TV><<<grid_for(B, D), kThreads, 0, stream>>>(
-        static_cast<const TS*>(x), static_cast<const TV*>(vu), static_cast<const TV*>(vc), g, dt, D, out);
   });
   return cudaGetLastError();
 }

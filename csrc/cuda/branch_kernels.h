@@ -26,8 +26,5 @@ cudaError_t launch_logp_backward(const float* alpha, const float* beta, const vo
                                  int64_t K, int64_t D, int state_type, int vel_type, int branch_type, void* grad,
                                  cudaStream_t stream);
 
-cudaError_t launch_cfg_ode(const void* x, const void* vu, const void* vc, const float* g, const float* dt, int64_t B,
-                           int64_t D, int state_type, int vel_type, float* out, cudaStream_t stream);
-
 }  // namespace cuda
 }  // namespace tempflow

@@ -147,25 +147,6 @@ at::Tensor branch_logp_backward_cuda(const at::Tensor& alpha, const at::Tensor& 
   return grad;
 }
 
-at::Tensor cfg_ode_step_cuda(const at::Tensor& x_in, const at::Tensor& vu_in, const at::Tensor& vc_in,
-                             const at::Tensor& guidance, const at::Tensor& dt) {
-  TORCH_CHECK(x_in.dim() == 2, "cfg_ode_step: x must be (B, D), got ", x_in.sizes());
-  const int64_t B = x_in.size(0), D = x_in.size(1);
-  check_shape(x_in, "cfg_ode_step: x", {B, D}, x_in);
-  check_shape(vu_in, "cfg_ode_step: v_uncond", {B, D}, x_in);
-  check_shape(vc_in, "cfg_ode_step: v_cond", {B, D}, x_in);
-  check_rows(guidance, "cfg_ode_step: guidance", B, x_in);
-  check_rows(dt, "cfg_ode_step: dt", B, x_in);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous(), vu = vu_in.contiguous(), vc = vc_in.to(vu.scalar_type()).contiguous();
-  at::Tensor out = at::empty({B, D}, x.options().dtype(at::kFloat));
-  check_launch(cuda::launch_cfg_ode(x.data_ptr(), vu.data_ptr(), vc.data_ptr(), guidance.data_ptr<float>(),
-                                    dt.data_ptr<float>(), B, D, type_code(x, "x"), type_code(vu, "v_uncond"),
-                                    out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()),
-               "cfg_ode_step");
-  return out;
-}
-
 }  // namespace
 }  // namespace tempflow
 
@@ -175,7 +156,6 @@ TORCH_LIBRARY_IMPL(tempflow_cuda, CUDA, m) {
   m.impl("branch_sample", &tempflow::branch_sample_cuda);
   m.impl("branch_logp", &tempflow::branch_logp_cuda);
   m.impl("branch_logp_backward", &tempflow::branch_logp_backward_cuda);
-  m.impl("cfg_ode_step", &tempflow::cfg_ode_step_cuda);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}
