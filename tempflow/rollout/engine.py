@@ -12,10 +12,18 @@ per-seed structure) gives the same rows.
 The starting latents can instead be given (``initial_noise=``) or drawn from a ``torch.Generator`` exactly as the
 diffusers pipelines draw them (``generator=``), so that the main paths of an official run can be reproduced; the
 branch noise stays the counter-based stream.
+
+``RolloutConfig(compile=True)`` compiles the denoiser's forward with ``torch.compile`` (:func:`compile_model`): one
+graph whose batch dimension is dynamic, so the varying number of live items never recompiles it. With
+``compile="static"`` (one graph per batch size, what CUDA graphs need) or ``buckets=True`` the chunks take their sizes
+from a few fixed :func:`buckets` (powers of two up to the cap): the last chunk of a tick is padded by repeating its
+last item and the padding's outputs are dropped, so the rows do not change (the models' rows are computed on their
+own, up to the last bits of their batched arithmetic).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -29,7 +37,8 @@ from .keys import check_sizes, noise_keys, pack
 from .keys import initial_noise as counter_noise
 from .plan import BranchPlan
 
-__all__ = ["RolloutConfig", "CallableModel", "rollout", "start_latents", "prompt_major"]
+__all__ = ["RolloutConfig", "CallableModel", "rollout", "start_latents", "prompt_major", "buckets", "compile_model",
+           "compile_stats"]  # fmt: skip
 
 
 @dataclass
@@ -44,7 +53,12 @@ class RolloutConfig:
     counts it (the SD3 configs of Flow-GRPO and TempFlow-GRPO forward 9 or 12 samples per sampling call and 16 per
     evaluation call, each with its CFG pair: 18 to 32 rows), so one forward's activation memory stays that of an
     official run. Raise it on a large GPU for speed: the samples do not depend on it beyond the last bits of the
-    model's batched arithmetic."""
+    model's batched arithmetic.
+
+    ``compile``: False (eager), True (``torch.compile`` of the denoiser's forward with a dynamic batch dimension: one
+    graph for every chunk size) or ``"static"`` (one graph per batch size, the chunks padded to :func:`buckets`); see
+    :func:`compile_model`. ``buckets``: chunk sizes from :func:`buckets` (the last chunk of a tick padded, the
+    padding's outputs dropped); None: only with ``compile="static"``."""
 
     plan: BranchPlan = field(default_factory=BranchPlan.tempflow)
     seeds_per_prompt: int = 4
@@ -55,6 +69,11 @@ class RolloutConfig:
     max_batch: int = 48  # rows per forward, a CFG pair counting two
     shuffle: int | None = None  # permute the live items each tick with this seed (tests order invariance)
     backend: str | None = None
+    compile: bool | str = False  # False | True (dynamic batch dimension) | "static" (a graph per bucket)
+    buckets: bool | None = None  # chunk sizes from buckets(); None: with compile="static"
+
+    def __post_init__(self):
+        _compile_kind(self.compile)  # refuse an unknown value at once
 
 
 class CallableModel(FlowModel):
@@ -85,6 +104,164 @@ class CallableModel(FlowModel):
 
     def decode(self, latents):
         return self.decode_fn(latents)
+
+
+def buckets(cap: int) -> tuple[int, ...]:
+    """The batch sizes a bucketed rollout forwards: the powers of two below ``cap``, and ``cap`` (``buckets(32)`` is
+    ``(1, 2, 4, 8, 16, 32)``, ``buckets(24)`` is ``(1, 2, 4, 8, 16, 24)``): log2(cap) + 1 shapes at most, whatever
+    the number of live items, and a padded chunk is less than twice its items."""
+    cap = int(cap)
+    if cap < 1:
+        raise ValueError(f"buckets need a cap >= 1, got {cap}")
+    return (*(1 << i for i in range(cap.bit_length()) if 1 << i < cap), cap)
+
+
+def _bucket(n: int, sizes: tuple[int, ...] | None) -> int:
+    """The smallest bucket that holds ``n`` items (``n`` itself without buckets or beyond the largest)."""
+    if not sizes:
+        return n
+    return next((b for b in sizes if b >= n), n)
+
+
+def _compile_kind(value) -> str | None:
+    """``RolloutConfig.compile`` as None (eager), ``"dynamic"`` or ``"static"``."""
+    if value is None or value is False:
+        return None
+    if value is True or value == "dynamic":
+        return "dynamic"
+    if value == "static":
+        return "static"
+    raise ValueError(f"compile={value!r}: choose False, True (a dynamic batch dimension) or 'static'")
+
+
+@dataclass
+class _Compiled:
+    """What :func:`compile_model` keeps on the model (``model._tempflow_compiled``)."""
+
+    kind: str
+    max_rows: int | None
+    backend: str
+    name: str  # the patched attribute: forward_velocity (adapters) or velocity_fn (CallableModel)
+    eager: Callable
+    calls: int = 0  # forwards through the compiled graph
+    eager_calls: int = 0  # forwards with gradients (training), run eagerly
+    padded_rows: int = 0
+    shapes: set = field(default_factory=set)  # batch sizes (rows) the compiled graph was called with
+    graphs: int = 0  # graphs compiled for this model (dynamo's unique graphs counted around its calls)
+    compiles: int = 0  # calls that compiled (the first one, then each recompilation)
+    compile_s: float = 0.0  # wall time of the calls that compiled a graph (the compile and that one forward)
+
+
+def _batch_tensors(obj, n: int):
+    """Every tensor in ``obj`` (nested tuples, lists and dicts) whose first dimension is the batch ``n``."""
+    if isinstance(obj, torch.Tensor):
+        return [obj] if obj.dim() and obj.shape[0] == n else []
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _batch_tensors(o, n)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _batch_tensors(o, n)]
+    return []
+
+
+def _pad(obj, n: int, index: torch.Tensor):
+    """``obj`` with every batch tensor (first dimension ``n``) gathered by ``index`` (its rows, then repeats)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.index_select(0, index.to(obj.device)) if obj.dim() and obj.shape[0] == n else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_pad(o, n, index) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _pad(o, n, index) for k, o in obj.items()}
+    return obj
+
+
+def compile_model(model, compile: bool | str = True, max_rows: int | None = None, backend: str = "inductor"):
+    """Compile the denoiser's forward of ``model`` with ``torch.compile`` (inductor), in place and once; returns it.
+
+    The adapter's :meth:`~tempflow.models.FlowModel.forward_velocity` (a :class:`CallableModel`'s ``velocity_fn``)
+    is replaced by a wrapper: forwards without gradients (rollouts, evaluation, sampling, the KL reference) go through
+    the compiled graph, the training forward (with gradients) stays eager. Weights are inputs of the graph, so
+    optimizer steps and LoRA updates need no recompilation; turning the LoRA adapters off (``model.reference()``)
+    compiles a second graph once.
+
+    ``compile``: True or ``"dynamic"``: the batch dimension of every input is marked dynamic, so one graph serves
+    every batch size (a batch of one row is padded to two, which a dynamic dimension needs); ``"static"``: one
+    graph per batch size, the rows padded up to :func:`buckets` of ``max_rows`` (the padding's outputs dropped), so a
+    run compiles at most log2(max_rows) + 1 shapes (CUDA graphs record one graph per shape in the same way).
+    Compiled graphs are cached on disk by inductor (``TORCHINDUCTOR_CACHE_DIR``, default
+    ``/tmp/torchinductor_<user>``), so a second process compiles the same graphs in a fraction of the time.
+    ``backend``: torch.compile's (``"eager"`` traces without generating code: a quick check of the graph and its
+    guards). Calling it again with the same settings does nothing; :func:`compile_stats` reads the counts. A plain
+    velocity function handed to :func:`rollout` is wrapped anew at each call: wrap it in a :class:`CallableModel`
+    once and pass that, so that it is compiled once."""
+    kind = _compile_kind(compile)
+    state = getattr(model, "_tempflow_compiled", None)
+    if kind is None:
+        return model
+    if state is not None:
+        if (state.kind, state.max_rows, state.backend) == (kind, max_rows, backend):
+            return model
+        setattr(model, state.name, state.eager)  # recompile with the new settings from the eager forward
+    name = "velocity_fn" if isinstance(model, CallableModel) else "forward_velocity"
+    eager = getattr(model, name)
+    state = _Compiled(kind, max_rows, backend, name, eager)
+    sizes = buckets(max_rows) if kind == "static" and max_rows else None
+    if kind == "static":
+        from torch._dynamo import config as dynamo_config
+
+        # one graph per bucket, and again with LoRA adapters off (the KL reference); dynamo's default limit is 8
+        limit = 2 * len(sizes or ()) + 4
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
+    compiled = torch.compile(eager, dynamic=False if kind == "static" else None, backend=backend)
+
+    def forward(*args, **kwargs):
+        if torch.is_grad_enabled():
+            state.eager_calls += 1
+            return eager(*args, **kwargs)
+        n = args[0].shape[0]
+        size = max(2, n) if kind == "dynamic" else _bucket(n, sizes)
+        if size > n:
+            index = torch.cat([torch.arange(n), torch.full((size - n,), n - 1)])
+            args, kwargs = _pad(args, n, index), _pad(kwargs, n, index)
+            state.padded_rows += size - n
+        if kind == "dynamic":
+            for t in _batch_tensors((args, kwargs), size):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        graphs = _unique_graphs()
+        start = time.perf_counter()
+        out = compiled(*args, **kwargs)
+        new = _unique_graphs() - graphs
+        if new:
+            state.graphs += new
+            state.compiles += 1
+            state.compile_s += time.perf_counter() - start
+        state.calls += 1
+        state.shapes.add(size)
+        return out[:n] if size > n else out
+
+    setattr(model, name, forward)
+    model._tempflow_compiled = state
+    return model
+
+
+def _unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def compile_stats(model=None) -> dict:
+    """How compilation went. ``graphs``: graphs dynamo compiled in this process (every compiled function). For a model
+    given to :func:`compile_model` also: ``calls`` through the compiled graph, ``eager_calls`` (forwards with
+    gradients), ``compiles`` (calls that compiled a graph: the first, then one per recompilation), ``recompiles``
+    (``compiles`` - 1), ``model_graphs``, ``compile_s`` (wall time of the calls that compiled, their forward
+    included), ``shapes`` (the batch sizes, in rows, the graph was called with) and ``padded_rows``."""
+    out = {"graphs": _unique_graphs()}
+    state = getattr(model, "_tempflow_compiled", None)
+    if state is not None:
+        out.update(kind=state.kind, calls=state.calls, eager_calls=state.eager_calls, compiles=state.compiles,
+                   recompiles=max(0, state.compiles - 1), model_graphs=state.graphs, compile_s=state.compile_s,
+                   shapes=sorted(state.shapes), padded_rows=state.padded_rows)  # fmt: skip
+    return out
 
 
 class _Rows:
@@ -210,8 +387,8 @@ def rollout(
             main paths (and, with a trajectory plan, the path up to its first SDE step) follow from those latents;
             branch noise stays the counter-based stream. Default: the counter-based stream of (prompt id, seed).
         stats: filled with ``model_calls``, ``samples_forwarded``, ``largest_batch`` (rows of the largest forward, a
-            CFG pair counting two: <= ``max_batch``, what bounds the forward's activation memory) and
-            ``peak_live_items`` (latents held at once).
+            CFG pair counting two: <= ``max_batch``, what bounds the forward's activation memory; padding included),
+            ``peak_live_items`` (latents held at once) and ``padded_samples`` (items repeated to fill buckets).
     """
     cfg, model, grid, table, pid_of = _setup(model, prompts, config, prompt_ids, latent_shape)
     plan = cfg.plan
@@ -221,6 +398,10 @@ def rollout(
     last_branch = max(plan.sde_steps)
     rows_per_item = model.forward_rows(cfg.guidance)
     chunk = model.samples_per_forward(cfg.max_batch, cfg.guidance)  # items per forward: max_batch rows at most
+    if cfg.compile and getattr(model, "_tempflow_compiled", None) is None:  # a compiled model keeps its settings
+        compile_model(model, cfg.compile, cfg.max_batch)
+    bucketed = cfg.buckets if cfg.buckets is not None else _compile_kind(cfg.compile) == "static"
+    sizes = buckets(chunk) if bucketed else None
     x0 = start_latents(model, cfg, pid_of, initial_noise, generator, device=grid.device)
     cond = model.encode(list(prompts))
     n_prompts, S = len(prompts), cfg.seeds_per_prompt
@@ -239,7 +420,7 @@ def rollout(
     }
     rows = _Rows()
     finished = {k: [] for k in ("x", "prompt", "seed", "origin", "branch")}
-    calls = forwarded = peak_live = largest = 0
+    calls = forwarded = peak_live = largest = padded = 0
     gen = torch.Generator().manual_seed(cfg.shuffle) if cfg.shuffle is not None else None
     while live["x"].shape[0]:
         if gen is not None:
@@ -249,11 +430,18 @@ def rollout(
         peak_live = max(peak_live, x.shape[0])
         v = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         for lo in range(0, x.shape[0], chunk):
-            sl = slice(lo, lo + chunk)
-            v[sl] = model.velocity(x[sl], grid.sigmas[step[sl]], cond, p[sl], cfg.guidance).float()
+            hi = min(lo + chunk, x.shape[0])
+            size = _bucket(hi - lo, sizes)
+            if size > hi - lo:  # the last chunk, padded to its bucket by repeating its last item; outputs dropped
+                idx = torch.cat([torch.arange(lo, hi), torch.full((size - (hi - lo),), hi - 1)])
+                xs, ts, ps = x[idx.to(x.device)], step[idx], p[idx]
+            else:
+                xs, ts, ps = x[lo:hi], step[lo:hi], p[lo:hi]
+            v[lo:hi] = model.velocity(xs, grid.sigmas[ts], cond, ps, cfg.guidance)[: hi - lo].float()
             calls += 1
-            forwarded += x[sl].shape[0]
-            largest = max(largest, x[sl].shape[0] * rows_per_item)
+            forwarded += hi - lo
+            padded += size - (hi - lo)
+            largest = max(largest, size * rows_per_item)
         x_next = sde.ode_step(x, v, step, grid)
         stochastic = sde_steps[step] & live["main"]  # trajectories are all main paths; completions never branch
         new_items = None
@@ -307,7 +495,8 @@ def rollout(
     fin_key = _path_key(plan, fin["prompt"], fin["seed"], fin["origin"], fin["branch"])
     if stats is not None:
         # peak memory: the rows of the largest forward (bounded by max_batch) and the latents held live at once
-        stats.update(model_calls=calls, samples_forwarded=forwarded, largest_batch=largest, peak_live_items=peak_live)
+        stats.update(model_calls=calls, samples_forwarded=forwarded, largest_batch=largest, peak_live_items=peak_live,
+                     padded_samples=padded)  # fmt: skip
     return _assemble(rows, list(prompts), fin_key, rewards, images, fin["prompt"], parts)
 
 

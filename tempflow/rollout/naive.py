@@ -35,8 +35,9 @@ def naive_rollout(
 ) -> RolloutBatch:
     """Same arguments and result as :func:`tempflow.rollout.rollout` (``initial_noise`` / ``generator`` too: the
     latents of prompt p's seed s are row ``p * seeds_per_prompt + s``). One forward per main-path step of one seed,
-    and one per completion step of its K branches together, as the official code does (``max_batch`` is not
-    used; ``stats["largest_batch"]`` counts the rows, a CFG pair being two)."""
+    and one per completion step of its K branches together, as the official code does (``max_batch``, ``buckets``
+    and ``compile`` are not used: a model that :func:`~tempflow.rollout.compile_model` compiled stays compiled;
+    ``stats["largest_batch"]`` counts the rows, a CFG pair being two)."""
     cfg, model, grid, table, pid_of = _setup(model, prompts, config, prompt_ids, latent_shape)
     plan, T, K = cfg.plan, cfg.plan.num_steps, cfg.plan.K
     shape = tuple(model.latent_shape)

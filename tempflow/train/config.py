@@ -69,6 +69,16 @@ def _str(value):
     raise ValueError("expected a string")
 
 
+def _compile(value):
+    """The ``compile`` setting as "false", "true" or "static" (booleans and yes/no, on/off, 1/0 too)."""
+    if isinstance(value, str) and value.strip().lower() in ("static", "dynamic"):
+        return "static" if value.strip().lower() == "static" else "true"
+    try:
+        return "true" if _bool(value) else "false"
+    except ValueError:
+        raise ValueError("expected false, true or static") from None
+
+
 def _optional_float(value):
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
         return None
@@ -167,6 +177,9 @@ class TrainConfig:
     max_batch: int = _f(64, "most rows one transformer forward sees in rollout and evaluation; a classifier-free "
                             "guidance pair counts two (64 = 32 CFG pairs, the previous default; the official code's "
                             "largest forward is 48)")  # fmt: skip
+    compile: str = _f("false", "torch.compile the denoiser's forward for rollouts and evaluation: false | true (one "
+                      "graph, dynamic batch size) | static (a graph per chunk size, chunks padded to powers of two); "
+                      "the training forward stays eager", _compile)  # fmt: skip
     seed: int = _f(0, "run seed (noise streams, prompt order)")
     # --- evaluation --------------------------------------------------------------------------------------------
     eval_every: int = _f(0, "iterations between held-out evaluations (0: only before training and at the end)")
@@ -299,7 +312,8 @@ class TrainConfig:
 
         return RolloutConfig(plan=self.plan(), seeds_per_prompt=self.seeds_per_prompt, guidance=self.guidance,
                              noise_level=self.noise_level, schedule=self.schedule, seed=self.seed,
-                             max_batch=self.max_batch, backend=backend)  # fmt: skip
+                             max_batch=self.max_batch, backend=backend,
+                             compile={"false": False, "true": True, "static": "static"}[self.compile])  # fmt: skip
 
     def resolved_zero_stage(self) -> int:
         from . import distributed

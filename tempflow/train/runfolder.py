@@ -34,7 +34,7 @@ __all__ = ["RunFolder", "RunFolderError", "CheckpointError", "effective_config",
 CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
 # settings a resumed run may change: they do not change what is trained or how it is measured
 HARMLESS = ("iterations", "checkpoint_every", "checkpoint_minutes", "eval_every", "tensorboard", "wandb", "out",
-            "device", "max_batch", "attention", "grad_checkpointing")  # fmt: skip
+            "device", "max_batch", "compile", "attention", "grad_checkpointing")  # fmt: skip
 # what a run writes (removed by overwrite; nothing else in the folder is touched)
 RUN_FILES = ("config.json", "config_history.jsonl", "metrics.jsonl", CHECKPOINT, PREVIOUS, CHECKPOINT + ".tmp",
              CHECKPOINT + ".damaged", PREVIOUS + ".damaged", "summary.json", "reward_curve.png", "eval.json",

@@ -25,7 +25,7 @@ from .. import ops, sde
 from ..models.registry import DTYPES
 from ..prompts import load_prompts
 from ..rewards.registry import build_reward
-from ..rollout import rollout
+from ..rollout import compile_model, rollout
 from ..rollout.keys import order_keys
 from . import distributed
 from .advantages import flow_grpo_advantages, signal_rows, tempflow_advantages
@@ -84,7 +84,8 @@ def run_config(run: str) -> TrainConfig:
 
 
 def prepare(model, cfg: TrainConfig) -> None:
-    """Weight dtype, LoRA adapters (or a frozen reference copy for full fine-tuning with KL), gradient checkpointing."""
+    """Weight dtype, LoRA adapters (or a frozen reference copy for full fine-tuning with KL), gradient checkpointing,
+    and with ``compile`` the compiled forward (:func:`tempflow.rollout.compile_model`)."""
     dtype = DTYPES[cfg.dtype]
     module = model.trained_module()
     if next(module.parameters()).dtype != dtype:
@@ -103,6 +104,11 @@ def prepare(model, cfg: TrainConfig) -> None:
         if not hasattr(module, "enable_gradient_checkpointing"):
             raise ValueError(f"{type(module).__name__} has no gradient checkpointing; set grad_checkpointing=false")
         module.enable_gradient_checkpointing()
+    if cfg.compile != "false":  # the forward of rollouts and evaluation; the engine finds it compiled
+        if cfg.resolved_zero_stage() == 3:
+            raise ValueError("compile does not work with ZeRO-3 (its forward gathers partitioned weights in hooks): "
+                             "set compile=false or zero_stage=2")  # fmt: skip
+        compile_model(model, cfg.rollout_config().compile, cfg.max_batch)
 
 
 class MetricsLog:
