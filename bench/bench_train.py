@@ -54,6 +54,10 @@ VARIANTS = {
     "shape 6x4": dict(TEMPFLOW, seeds_per_prompt=6, branches=4),
     # a probe, not in the paper: as many optimizer steps per iteration as Flow-GRPO makes (432 states / 36)
     "tempflow 12 updates/iteration": dict(TEMPFLOW, states_per_step=6),
+    # cheaper completions of the branches (issue 15), on the trainer's default of 6 states per optimizer step
+    "tempflow euler:2": dict(TEMPFLOW, states_per_step=6, completion="euler:2"),
+    "tempflow euler:3,3,2,2,2,1": dict(TEMPFLOW, states_per_step=6, completion="euler:3,3,2,2,2,1"),
+    "tempflow x0": dict(TEMPFLOW, states_per_step=6, completion="x0"),
 }
 GROUPS = {
     "main": ["tempflow", "flow-grpo (global std)", "flow-grpo (prompt std)"],
@@ -61,6 +65,14 @@ GROUPS = {
     "schedule": ["tempflow", "schedule cps (a 0.7)", "schedule dance (a 0.3)"],
     "shape": ["shape 2x12", "tempflow", "shape 6x4"],
     "updates": ["tempflow", "tempflow 12 updates/iteration", "flow-grpo (global std)"],
+    "completion": [
+        "tempflow 12 updates/iteration",
+        "tempflow euler:2",
+        "tempflow euler:3,3,2,2,2,1",
+        "tempflow x0",
+        "flow-grpo (global std)",
+        "flow-grpo (prompt std)",
+    ],
 }
 EVAL_SEED = 987_654  # noise streams no training run draws (runs use seeds 0, 1, 2)
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -130,11 +142,11 @@ def evaluate(model, clfs, per_digit: int, steps: int = 10, kl: bool = True) -> d
 
 
 def calls_per_tempflow_iteration(cfg) -> int:
-    """Sampling calls of one TempFlow iteration (ALGORITHM.md: per seed T-1 main + K * sum completions) + training."""
-    T, K, N, P = cfg.steps, cfg.branches, cfg.seeds_per_prompt, cfg.prompts_per_iteration
-    sampling = (T - 1) + K * sum(T - 1 - k for k in range(T - 1))  # main path, ODE completions of the branches
+    """Sampling calls of one TempFlow iteration (per seed T-1 main + K * the completions' calls) + training."""
+    N, P = cfg.seeds_per_prompt, cfg.prompts_per_iteration
+    sampling = cfg.plan().model_calls_per_seed()  # main path, the completions of the branches
     cfg_pair = 2 if cfg.guidance != 1 else 1
-    return P * N * (sampling + (T - 1)) * cfg_pair  # + one training forward per (seed, step) state
+    return P * N * (sampling + len(cfg.trained_steps())) * cfg_pair  # + one training forward per (seed, step) state
 
 
 def run(job: dict) -> list[dict]:
@@ -389,6 +401,7 @@ def summarize(records, speed, out_png: str, note: str) -> str:
             f"| base model | - | {base[0]['agreement']:.3f} | {base[0]['agreement_T40']:.3f} | "
             f"{base[0]['agreement_second_classifier']:.3f} | 1 | 0 | - | 0 | - |"
         )
+    lines += completion_table(records, finals)
     if speed:
         lines += [
             "",
@@ -399,6 +412,35 @@ def summarize(records, speed, out_png: str, note: str) -> str:
             f"{speed['iteration_speedup']:.2f}x.",
         ]
     return "\n".join(lines)
+
+
+def completion_table(records, finals) -> list[str]:
+    """The cheap completions against exact TempFlow and Flow-GRPO: held-out agreement at the budget and at the
+    seconds every run of the group reached, and an iteration's seconds against a Flow-GRPO iteration."""
+    names = [n for n in GROUPS["completion"] if any(r["name"] == n for r in finals)]
+    if not any(VARIANTS[n].get("completion") for n in names):
+        return []
+    limit = min(max(r["seconds"] for r in finals if r["name"] == n) for n in names)
+
+    def per_iteration(n):
+        rows = [r for r in finals if r["name"] == n]
+        return statistics.fmean(sum(r[k] for k in ("sampling_s", "reward_s", "training_s")) for r in rows)
+
+    flow = per_iteration("flow-grpo (global std)") if "flow-grpo (global std)" in names else float("nan")
+    lines = ["", f"Cheaper completions (issue 15): held-out agreement (T=10) at the budget and at {limit:.0f} s, "
+             "and one iteration's seconds (sampling + reward + training) against a Flow-GRPO iteration of the same "
+             "group size (24).", "",
+             f"| run | completion | agreement at budget | agreement at {limit:.0f} s | iterations | s / iteration | "
+             "x Flow-GRPO iteration |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for n in names:
+        rows = [r for r in finals if r["name"] == n]
+        it = per_iteration(n)
+        lines.append(
+            f"| {n} | {VARIANTS[n].get('completion', 'euler')} | {fmt(_mean_std([r['agreement'] for r in rows]))} | "
+            f"{fmt(at_seconds(records, n, limit, 'agreement'))} | "
+            f"{statistics.fmean(r['iteration'] for r in rows):.0f} | {it:.2f} | {it / flow:.2f} |"
+        )
+    return lines
 
 
 def write_summary(records, speed, out: str, note: str) -> str:

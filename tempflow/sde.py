@@ -47,6 +47,9 @@ import torch
 
 __all__ = [
     "SCHEDULES",
+    "heun_step",
+    "dpm2m_step",
+    "data_prediction",
     "TimeGrid",
     "SDETable",
     "SDEStep",
@@ -396,15 +399,63 @@ def sde_step(
     return SDEStep(sample, mean, std, lp)
 
 
-def ode_step(x: torch.Tensor, v: torch.Tensor, step, grid: TimeGrid | SDETable, *, check_finite: bool = False):
+def ode_step(x: torch.Tensor, v: torch.Tensor, step, grid: TimeGrid | SDETable, *, to=None,
+             check_finite: bool = False) -> torch.Tensor:  # fmt: skip
     """Deterministic Euler step ``x + dt[k] v`` in fp32 (``grid`` may be a :class:`TimeGrid` or an
-    :class:`SDETable`)."""
+    :class:`SDETable`). ``to``: the grid index to step to (per sample, like ``step``), for the coarse completions
+    of a branch; default ``step + 1``. With a :class:`TimeGrid`, ``to = step + 1`` gives the same bits as the
+    default (the same fp32 difference of grid times)."""
     _check_pair(x, v, check_finite)
+    if to is not None:
+        t = _grid_times(grid)
+        return x.float() + (at_step(t, to, x) - at_step(t, step, x)) * v.float()
     if isinstance(grid, TimeGrid):
         dt_col = grid.sigmas[1:] - grid.sigmas[:-1]
     else:
         dt_col = grid.dt
     return x.float() + at_step(dt_col, step, x) * v.float()
+
+
+def _grid_times(grid: TimeGrid | SDETable) -> torch.Tensor:
+    return grid.sigmas if isinstance(grid, TimeGrid) else grid.grid.sigmas
+
+
+def heun_step(x: torch.Tensor, v: torch.Tensor, v_end: torch.Tensor, step, to, grid: TimeGrid | SDETable):
+    """Heun's corrector from grid point ``step`` to ``to``: ``x + (t_to - t_step) (v + v_end) / 2``, ``v`` the
+    velocity at ``(x, t_step)`` and ``v_end`` the one at the Euler predictor ``(ode_step(x, v, step, to=to),
+    t_to)``. Second order; used by the ``heun`` completion of a branch (not on an interval ending at t = 0, where
+    the completion takes the Euler step, as diffusers' FlowMatchHeunDiscreteScheduler does)."""
+    t = _grid_times(grid)
+    dt = at_step(t, to, x) - at_step(t, step, x)
+    return x.float() + dt * (0.5 * (v.float() + v_end.float()))
+
+
+def data_prediction(x: torch.Tensor, v: torch.Tensor, step, grid: TimeGrid | SDETable) -> torch.Tensor:
+    """The flow's data prediction ``x0 = x - t v`` at grid point ``step`` (fp32): the Euler step to t = 0."""
+    return x.float() - at_step(_grid_times(grid), step, x) * v.float()
+
+
+def dpm2m_step(x: torch.Tensor, v: torch.Tensor, d_prev: torch.Tensor, step, to, prev,
+               grid: TimeGrid | SDETable) -> torch.Tensor:  # fmt: skip
+    """DPM-Solver++(2M) from grid point ``step`` to ``to`` written for a flow (``x_t = (1 - t) x0 + t eps``:
+    ``alpha = 1 - t``, ``sigma = t``, ``lambda = log(alpha / sigma)``), ``d_prev`` the data prediction at the
+    previous point ``prev`` of the same path::
+
+        D0 = x - t v,   h = lambda_to - lambda_step,   r = (lambda_step - lambda_prev) / h
+        D  = D0 + (D0 - d_prev) / (2 r)
+        x_to = (t_to / t_step) x + (1 - t_to) (1 - exp(-h)) D
+
+    (Lu et al. 2022, DPM-Solver++ multistep, second order.) With ``D = D0`` this is the Euler step of the flow (the
+    first-order DPM-Solver++ step is DDIM, which for a flow is Euler); ``to`` must not be t = 0 (lambda is
+    infinite there: take the Euler step, as diffusers' ``lower_order_final`` does). Times are taken in fp64."""
+    t = _grid_times(grid).double()
+    lam = torch.log((1 - t) / t)
+    t_s, t_to = at_step(t, step, x), at_step(t, to, x)
+    h = at_step(lam, to, x) - at_step(lam, step, x)
+    r = (at_step(lam, step, x) - at_step(lam, prev, x)) / h
+    d0 = data_prediction(x, v, step, grid)
+    d = d0 + (d0 - d_prev.float()) * (0.5 / r).float()
+    return (t_to / t_s).float() * x.float() + ((1 - t_to) * (-torch.expm1(-h))).float() * d
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ def test_study_quick_mode(tmp_path, capsys):
     assert os.path.getsize(tmp_path / "study_main_reward_vs_seconds.png") > 1000
 
 
-def test_budget_formula_matches_the_calls_the_trainer_makes(tmp_path):
+@pytest.mark.parametrize("completion", ["euler", "euler:2"])
+def test_budget_formula_matches_the_calls_the_trainer_makes(tmp_path, completion):
     """The budget unit (one TempFlow iteration's model calls) is what the engine and the trainer really spend."""
     import bench_train
 
@@ -39,7 +40,8 @@ def test_budget_formula_matches_the_calls_the_trainer_makes(tmp_path):
     from tempflow.train.trainer import train
     from tests.test_trainer import tiny_config, tiny_model
 
-    cfg = tiny_config(tmp_path, steps=4, branches=3, seeds_per_prompt=2, iterations=1, guidance=2.0)
+    cfg = tiny_config(tmp_path, steps=4, branches=3, seeds_per_prompt=2, iterations=1, guidance=2.0,
+                      completion=completion)  # fmt: skip
     model = tiny_model()
     counter = bench_train.Counted(model)
     metrics = train(model, "digits", DigitCorrectness(), cfg, log=lambda *_: None)

@@ -405,6 +405,12 @@ def rollout(
     x0 = start_latents(model, cfg, pid_of, initial_noise, generator, device=grid.device)
     cond = model.encode(list(prompts))
     n_prompts, S = len(prompts), cfg.seeds_per_prompt
+    method = plan.completion.method
+    # the grid index after each point: row k for a completion from branch step k, the last row (origin -1) for
+    # main paths and trajectories (every step)
+    next_of = torch.arange(1, T + 2).repeat(T + 1, 1)
+    for k, route in plan.routes().items() if plan.mode == "branch" else ():
+        next_of[k, list(route[:-1])] = torch.tensor(route[1:], dtype=torch.long)
 
     # live items: main paths (branch mode) or trajectories, then completions
     prompt = torch.arange(n_prompts).repeat_interleave(S)
@@ -417,7 +423,14 @@ def rollout(
         "main": torch.ones(n_prompts * S, dtype=torch.bool),
         "origin": torch.full((n_prompts * S,), -1, dtype=torch.long),  # branch step a completion left from
         "branch": torch.zeros(n_prompts * S, dtype=torch.long),
+        # completions by heun / dpm2m: stage (heun: 1 = the predictor is in x; dpm2m: 1 = d_prev holds the previous
+        # data prediction), prev (heun: the interval's start; dpm2m: the previous point), and the saved tensors
+        "stage": torch.zeros(n_prompts * S, dtype=torch.long),
+        "prev": torch.zeros(n_prompts * S, dtype=torch.long),
     }
+    if method != "euler":
+        live["xa"] = torch.zeros_like(x0)  # heun: the interval's start
+        live["va"] = torch.zeros_like(x0)  # heun: its velocity; dpm2m: the previous data prediction
     rows = _Rows()
     finished = {k: [] for k in ("x", "prompt", "seed", "origin", "branch")}
     calls = forwarded = peak_live = largest = padded = 0
@@ -442,7 +455,7 @@ def rollout(
             forwarded += hi - lo
             padded += size - (hi - lo)
             largest = max(largest, size * rows_per_item)
-        x_next = sde.ode_step(x, v, step, grid)
+        x_next, step_next = _advance(live, x, v, step, next_of, grid, method, T)
         stochastic = sde_steps[step] & live["main"]  # trajectories are all main paths; completions never branch
         new_items = None
         if bool(stochastic.any()):
@@ -473,10 +486,15 @@ def rollout(
                     "main": torch.zeros(n * K, dtype=torch.bool),
                     "origin": step[idx].repeat_interleave(K),
                     "branch": torch.arange(K).repeat(n),
+                    "stage": torch.zeros(n * K, dtype=torch.long),
+                    "prev": torch.zeros(n * K, dtype=torch.long),
                 }
+                for name in ("xa", "va"):
+                    if name in live:
+                        new_items[name] = torch.zeros_like(new_items["x"])
             else:
                 x_next[idx] = out.samples[:, 0]
-        live["x"], live["step"] = x_next, step + 1
+        live["x"], live["step"] = x_next, step_next
         if new_items is not None:
             live = {k: torch.cat([live[k], new_items[k]]) for k in live}
         done = live["step"] >= T
@@ -498,6 +516,41 @@ def rollout(
         stats.update(model_calls=calls, samples_forwarded=forwarded, largest_batch=largest, peak_live_items=peak_live,
                      padded_samples=padded)  # fmt: skip
     return _assemble(rows, list(prompts), fin_key, rewards, images, fin["prompt"], parts)
+
+
+def _advance(live: dict, x, v, step, next_of, grid, method: str, T: int):
+    """One tick's deterministic update of every live item given its velocity: the Euler step to the next point of
+    its route (main paths and trajectories: ``step + 1``), or for completions by ``heun`` / ``dpm2m`` their
+    solver's step (docs/ALGORITHM.md section 3). Returns ``(x_next, step_next)``; updates the solver state in
+    ``live`` in place. The naive loop's :func:`~tempflow.rollout.naive.complete` does the same per branch."""
+    to = next_of[live["origin"], step.clamp(max=T)]
+    x_next = sde.ode_step(x, v, step, grid, to=to)
+    if method == "euler":
+        return x_next, to
+    comp = ~live["main"]
+    stage, prev, xa, va = live["stage"], live["prev"], live["xa"], live["va"]
+    step_next = to.clone()
+    if method == "heun":
+        predict = comp & (stage == 0) & (to < T)  # Euler predictor now, corrector at the interval's end next tick
+        correct = comp & (stage == 1)
+        if bool(correct.any()):
+            i = torch.nonzero(correct).flatten()
+            x_next[i] = sde.heun_step(xa[i], va[i], v[i], prev[i], step[i], grid)
+            step_next[i] = step[i]
+            stage[i] = 0
+        if bool(predict.any()):
+            i = torch.nonzero(predict).flatten()
+            xa[i], va[i], prev[i], stage[i] = x[i].float(), v[i], step[i], 1
+        return x_next, step_next
+    # dpm2m: second order where a previous data prediction exists and the interval does not end at t = 0
+    second = comp & (stage == 1) & (to < T)
+    if bool(second.any()):
+        i = torch.nonzero(second).flatten()
+        x_next[i] = sde.dpm2m_step(x[i], v[i], va[i], step[i], to[i], prev[i], grid)
+    if bool(comp.any()):
+        i = torch.nonzero(comp).flatten()
+        va[i], prev[i], stage[i] = sde.data_prediction(x[i], v[i], step[i], grid), step[i], 1
+    return x_next, step_next
 
 
 def _path_key(plan: BranchPlan, prompt, seed, step, branch) -> torch.Tensor:

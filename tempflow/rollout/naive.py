@@ -16,7 +16,27 @@ from .batch import RolloutBatch
 from .engine import RolloutConfig, _assemble, _path_key, _Rows, _setup, score_paths, start_latents
 from .keys import noise_keys
 
-__all__ = ["naive_rollout"]
+__all__ = ["naive_rollout", "complete"]
+
+
+def complete(x: torch.Tensor, route, forward: Callable, method: str, grid) -> torch.Tensor:
+    """Carry branch samples ``x`` (at grid point ``route[0]``) along ``route`` to t = 0 (docs/ALGORITHM.md section
+    3): ``forward(x, m)`` is the velocity at grid point m; ``method`` ``euler`` | ``heun`` | ``dpm2m``
+    (:class:`~tempflow.rollout.plan.Completion`). The engine's tick-wise ``_advance`` does the same per item."""
+    T = route[-1]
+    d_prev = prev = None
+    for a, b in zip(route[:-1], route[1:], strict=True):
+        v = forward(x, a)
+        if method == "heun" and b < T:
+            v_end = forward(sde.ode_step(x, v, a, grid, to=b), b)
+            x = sde.heun_step(x, v, v_end, a, b, grid)
+        elif method == "dpm2m" and d_prev is not None and b < T:
+            x, d_prev, prev = sde.dpm2m_step(x, v, d_prev, a, b, prev, grid), sde.data_prediction(x, v, a, grid), a
+        else:
+            if method == "dpm2m":
+                d_prev, prev = sde.data_prediction(x, v, a, grid), a
+            x = sde.ode_step(x, v, a, grid, to=b)
+    return x
 
 
 @torch.no_grad()
@@ -86,10 +106,11 @@ def naive_rollout(
                              branch=torch.arange(k_s), state=x.expand(k_s, *shape), action=actions,
                              logp=torch.cat([o.log_prob for o in outs]),
                              path=_path_key(plan, full + pi, full + s, full + k, torch.arange(k_s)))  # fmt: skip
-                    if plan.mode == "branch":
-                        xc = actions  # complete the K branches with the ODE, one step after another
-                        for m in range(k + 1, T):
-                            xc = sde.ode_step(xc, forward(xc, m, pi), m, grid)
+                    if plan.mode == "branch":  # complete the K branches together, one step after another
+                        route = plan.routes()[k]
+                        xc = complete(
+                            actions, route, lambda x, m, pi=pi: forward(x, m, pi), plan.completion.method, grid
+                        )
                         finish(xc, pi, s, k, torch.arange(K))
                         x = sde.ode_step(x, v, k, grid)
                     else:

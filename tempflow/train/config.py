@@ -79,6 +79,17 @@ def _compile(value):
         raise ValueError("expected false, true or static") from None
 
 
+def _completion(value):
+    """The ``completion`` setting in its canonical text (``euler``, ``euler:2``, ``heun:2``, ``euler:3,2,1``)."""
+    from ..rollout.plan import Completion
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f"euler:{value}"
+    elif isinstance(value, (list, tuple)):
+        value = "euler:" + ",".join(str(v) for v in value)
+    return str(Completion.parse(value))
+
+
 def _optional_float(value):
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
         return None
@@ -141,6 +152,15 @@ class TrainConfig:
     method: str = _f("tempflow", "tempflow (branching, process rewards) or flow-grpo (SDE trajectories)")
     steps: int = _f(10, "sampling steps T")
     branches: int = _f(6, "K branches per branch step (tempflow)")
+    skip_spread: float = _f(0.0, "adaptive branch steps (tempflow): skip a branch step whose within-group reward "
+                            "spread stayed below this fraction of the widest step's over its last skip_window "
+                            "iterations; 0: every step, always", _float)  # fmt: skip
+    skip_window: int = _f(3, "adaptive branch steps: the observations a step must stay quiet for")
+    skip_probe: int = _f(10, "adaptive branch steps: every skip_probe-th iteration runs every step (re-measures)")
+    completion: str = _f("euler", "how tempflow completes its branches: euler (every remaining step, the paper's) | "
+                         "euler:M (at most M steps on a sub-grid) | heun:M | dpm2m:M (second order) | one M per branch "
+                         "step (euler:3,2,2,1, the last repeating) | x0 (the one-step prediction x - t v)",
+                         _completion)  # fmt: skip
     seeds_per_prompt: int = _f(4, "N seeds per prompt (tempflow) or G trajectories per prompt (flow-grpo)")
     prompts_per_iteration: int = _f(2, "prompts rolled out per iteration (over all ranks)")
     iterations: int = _f(60, "training iterations (rollout + update)")
@@ -224,7 +244,8 @@ class TrainConfig:
                                    f"{', '.join(map(str, allowed))}")  # fmt: skip
         at_least = {"steps": 1, "branches": 1, "seeds_per_prompt": 1, "prompts_per_iteration": 1, "iterations": 1,
                     "states_per_step": 1, "max_batch": 2, "checkpoint_every": 1, "eval_steps": 1,
-                    "eval_per_prompt": 1, "max_sequence_length": 1, "eval_every": 0, "resolution": 0, "height": 0,
+                    "eval_per_prompt": 1, "max_sequence_length": 1, "eval_every": 0,
+                    "skip_window": 1, "skip_probe": 0, "resolution": 0, "height": 0,
                     "width": 0, "lora_rank": 0, "seed": 0, "eval_seed": 0}  # fmt: skip
         for name, low in at_least.items():
             if getattr(self, name) < low:
@@ -233,7 +254,7 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingError(f"setting {name}={getattr(self, name)}: must be > 0")
-        for name in ("beta", "weight_decay", "checkpoint_minutes"):
+        for name in ("beta", "weight_decay", "checkpoint_minutes", "skip_spread"):
             if getattr(self, name) < 0:
                 raise SettingError(f"setting {name}={getattr(self, name)}: must be >= 0")
         if not 0 <= self.ema < 1:
@@ -270,6 +291,15 @@ class TrainConfig:
         if self.schedule == "cps" and self.steps - 1 in steps:
             raise SettingError(f"setting train_steps: cps has no noise at the last step ({self.steps - 1}); leave it "
                                "out")  # fmt: skip
+        if self.method != "tempflow" and self.skip_spread > 0:
+            raise SettingError(f"setting skip_spread={self.skip_spread}: adaptive branch steps are tempflow's; "
+                               "flow-grpo has no branch groups to measure (leave it at 0)")  # fmt: skip
+        if self.skip_spread >= 1:
+            raise SettingError(f"setting skip_spread={self.skip_spread}: a fraction of the widest step's spread in "
+                               "[0, 1) (the widest step would skip itself)")  # fmt: skip
+        if self.method != "tempflow" and self.completion != "euler":
+            raise SettingError(f"setting completion={self.completion}: only tempflow completes branches; flow-grpo's "
+                               "trajectories have none (leave completion at euler)")  # fmt: skip
         self._check_signal()
 
     def _check_signal(self) -> None:
@@ -303,7 +333,7 @@ class TrainConfig:
         from ..rollout import BranchPlan
 
         if self.method == "tempflow":
-            return BranchPlan.tempflow(self.steps, self.branches, self.trained_steps())
+            return BranchPlan.tempflow(self.steps, self.branches, self.trained_steps(), self.completion)
         return BranchPlan.flow_grpo(self.steps, self.trained_steps())
 
     def rollout_config(self, backend: str | None = None):

@@ -9,6 +9,7 @@ which model, prompts or rewards it trains with: they come in as a FlowModel adap
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ from ..rewards.registry import build_reward
 from ..rollout import compile_model, rollout
 from ..rollout.keys import order_keys
 from . import distributed
+from .adaptive import AdaptiveSteps, spread_per_step
 from .advantages import flow_grpo_advantages, signal_rows, tempflow_advantages
 from .config import SettingError, TrainConfig
 from .evaluation import evaluate
@@ -265,11 +267,13 @@ def _train(model, prompts, reward, cfg, eval_prompts, eval_reward, resume_from, 
     resume_from = rt.all_gather(resume_from)[0]  # rank 0 decided (it alone reads and writes the folder)
     ema = [rt.local(p).detach().float().clone() for p in params] if cfg.ema > 0 else None
     plan, rcfg = cfg.plan(), cfg.rollout_config()
+    adaptive = AdaptiveSteps(plan.sde_steps, cfg.skip_spread, cfg.skip_window, cfg.skip_probe)
     table = sde.sde_table(model.time_grid(cfg.steps, device=device), cfg.schedule, cfg.noise_level)
     weights = sde.noise_aware_weights(table, plan.sde_steps) if cfg.weighting else torch.ones(cfg.steps, device=device)
     start_iter = 0
     if resume_from is not None:
-        start_iter, ema = _load_checkpoint(resume_from, rt, params, opt, ema)
+        start_iter, ema, extra = _load_checkpoint(resume_from, rt, params, opt, ema)
+        adaptive.load_state_dict(extra.get("adaptive"))
         log(f"resumed from {resume_from} at iteration {start_iter}")
     metrics_log = MetricsLog(cfg, rt.is_main, start_iter)
     evals = {m["iteration"]: _eval_values(m) for m in metrics_log.kept if "eval/reward" in m}
@@ -295,7 +299,7 @@ def _train(model, prompts, reward, cfg, eval_prompts, eval_reward, resume_from, 
     saved = {"iteration": start_iter if resume_from is not None else None, "at": time.monotonic()}
 
     def save(iteration: int) -> None:
-        _save_checkpoint(folder, rt, params, opt, ema, iteration, cfg)
+        _save_checkpoint(folder, rt, params, opt, ema, iteration, cfg, {"adaptive": adaptive.state_dict()})
         saved.update(iteration=iteration, at=time.monotonic())
         if rt.is_main:
             _reward_curve(cfg, metrics_log.path)
@@ -317,17 +321,25 @@ def _train(model, prompts, reward, cfg, eval_prompts, eval_reward, resume_from, 
         t0 = time.perf_counter()
         texts, meta, ids = prompts.draw(it, cfg.prompts_per_iteration, cfg.seed)
         mine = slice(rt.rank, None, rt.world)  # whole prompts per rank
-        batch = rollout(model, texts[mine], reward, rcfg, prompt_ids=ids[mine], metadata=meta[mine])
+        stats, active = {}, adaptive.active(it)
+        it_plan = plan if active == plan.sde_steps else plan.subset(active)
+        it_rcfg = rcfg if it_plan is plan else dataclasses.replace(rcfg, plan=it_plan)
+        batch = rollout(model, texts[mine], reward, it_rcfg, prompt_ids=ids[mine], metadata=meta[mine], stats=stats)
+        if cfg.skip_spread > 0:
+            adaptive.observe(rt.all_gather(spread_per_step(batch.reward, batch.step, plan.K)))
         t1 = time.perf_counter()
         adv = advantages(batch, cfg, rt)
-        loss, kl, n_states = _update(model, batch, adv, plan, table, weights, cfg, opt, params, rt, it)
+        loss, kl, n_states = _update(model, batch, adv, it_plan, table, weights, cfg, opt, params, rt, it)
         if ema is not None:
             with torch.no_grad():
                 for e, p in zip(ema, params, strict=True):
                     e.mul_(cfg.ema).add_(rt.local(p).detach().float(), alpha=1 - cfg.ema)
         t2 = time.perf_counter()
         metrics = {"iteration": it + 1, **_reward_metrics(batch, rt), "loss": loss, "kl": kl,
-                   "trained_states": n_states, "rollout_s": t1 - t0, "train_s": t2 - t1}  # fmt: skip
+                   "trained_states": n_states, "rollout_samples": sum(rt.all_gather(stats["samples_forwarded"])),
+                   "rollout_s": t1 - t0, "train_s": t2 - t1}  # fmt: skip
+        if cfg.skip_spread > 0:
+            metrics["branch_steps"] = len(active)
         spent += t2 - t0
         left = spent / (it + 1 - start_iter) * (cfg.iterations - it - 1)
         log(f"[{it + 1}/{cfg.iterations} eta {left:.0f}s] " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()
@@ -440,7 +452,7 @@ def _update(model, batch, adv, plan, table, weights, cfg, opt, params, rt, itera
     return rt.all_sum(loss_sum) / n_states, rt.all_sum(kl_sum) / n_states, n_states
 
 
-def _save_checkpoint(folder: RunFolder, rt, params, opt, ema, iteration, cfg) -> None:
+def _save_checkpoint(folder: RunFolder, rt, params, opt, ema, iteration, cfg, extra: dict | None = None) -> None:
     """checkpoint.pt: full trainable weights, EMA, iteration and config (what eval and sample read) and the
     optimizer state; with DeepSpeed the optimizer's partitions go to <out>/deepspeed/<tag> first, and checkpoint.pt,
     replaced last (see RunFolder.write_checkpoint), names the tag, so a crash at any point leaves a complete earlier
@@ -448,7 +460,7 @@ def _save_checkpoint(folder: RunFolder, rt, params, opt, ema, iteration, cfg) ->
     with rt.gathered(params):
         full = [p.detach().float().clone() for p in params]
     state = {"params": full, "ema": rt.gather_full(params, ema) if ema is not None else None,
-             "iteration": iteration, "config": cfg.to_dict(), "world": rt.world}  # fmt: skip
+             "iteration": iteration, "config": cfg.to_dict(), "world": rt.world, **(extra or {})}  # fmt: skip
     if rt.engine is None:
         state["optimizer"] = opt.state_dict()
     else:
@@ -481,7 +493,7 @@ def _load_checkpoint(path, rt, params, opt, ema):
                                   load_optimizer_states=True, load_lr_scheduler_states=False)  # fmt: skip
     if ema is not None and state["ema"] is not None:
         ema = [e.float() for e in rt.scatter_full(params, state["ema"])]
-    return state["iteration"], ema
+    return state["iteration"], ema, state
 
 
 def _reward_curve(cfg: TrainConfig, metrics_path: str) -> None:
