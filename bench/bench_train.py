@@ -68,8 +68,15 @@ GROUPS = {
     "schedule": ["tempflow", "schedule cps (a 0.7)", "schedule dance (a 0.3)"],
     "shape": ["shape 2x12", "tempflow", "shape 6x4"],
     "updates": ["tempflow", "tempflow 12 updates/iteration", "flow-grpo (global std)"],
-    "completion": ["tempflow 12 updates/iteration", "tempflow euler:3", "tempflow euler:2", "tempflow x0",
-                   "tempflow euler:2 adaptive", "flow-grpo (global std)", "flow-grpo (prompt std)"],  # fmt: skip
+    "completion": [
+        "tempflow 12 updates/iteration",
+        "tempflow euler:3",
+        "tempflow euler:2",
+        "tempflow x0",
+        "tempflow euler:2 adaptive",
+        "flow-grpo (global std)",
+        "flow-grpo (prompt std)",
+    ],  # fmt: skip
 }
 EVAL_SEED = 987_654  # noise streams no training run draws (runs use seeds 0, 1, 2)
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
