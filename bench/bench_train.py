@@ -210,7 +210,8 @@ def run(job: dict) -> list[dict]:
             )
         return not marks
 
-    train(model, "digits", timed_reward, cfg, log=lambda *_: None, callback=after_iteration)
+    # the study's run folders are scratch: a rerun of the study replaces them
+    train(model, "digits", timed_reward, cfg, overwrite=True, log=lambda *_: None, callback=after_iteration)
     return records
 
 
