@@ -402,6 +402,13 @@ def test_qwenimage_precomputed_embeddings_and_clear_errors(qwen, tmp_path):
         QwenImageModel(pipe.transformer, pipe.vae)
     with pytest.raises(ValueError, match="multiples of 4"):
         QwenImageModel.from_pipeline(pipe, height=18, width=16)
+    with pytest.raises(ValueError, match="flash-attn 2.*takes no attention mask"):
+        QwenImageModel.from_pipeline(pipe, height=16, width=16, attention="flash")
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is None:
+        with pytest.raises(ImportError, match="needs xformers"):
+            QwenImageModel.from_pipeline(pipe, height=16, width=16, attention="xformers")
     edit = diffusers.QwenImageTransformer2DModel(num_layers=1, attention_head_dim=16, num_attention_heads=2,
                                                  in_channels=16, out_channels=4, joint_attention_dim=16,
                                                  axes_dims_rope=(8, 4, 4), zero_cond_t=True)  # fmt: skip

@@ -69,6 +69,11 @@ class _DiffusersModel(FlowModel):
         if height % (self.vae_scale * 2) or width % (self.vae_scale * 2):
             raise ValueError(f"height and width must be multiples of {self.vae_scale * 2}, got {height}x{width}")
         self.height, self.width = height, width
+        self._set_attention(transformer, attention)
+
+    @staticmethod
+    def _set_attention(transformer, attention: str) -> None:
+        """Switch the transformer's attention kernels (:func:`set_attention`)."""
         set_attention(transformer, attention)
 
     @staticmethod

@@ -29,11 +29,13 @@ Conventions, each as ``QwenImagePipeline`` (diffusers 0.42) computes it:
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from .. import sde
 from .base import Conditioning
-from .diffusers_models import _PackedModel
+from .diffusers_models import _PackedModel, set_attention
 
 __all__ = ["QwenImageModel"]
 
@@ -53,10 +55,12 @@ def _check_masking_transformer() -> None:
 
 class QwenImageModel(_PackedModel):
     """Qwen-Image: packed latents ``(L, 4C)``, variable-length prompt embeddings with a mask, true CFG with the norm
-    rescale (4.0 by default, the pipeline's ``true_cfg_scale``; 1 skips the unconditional half) and the dynamic
-    time shift of the scheduler config (default: Qwen-Image's published one, :data:`tempflow.sde.QWENIMAGE_SHIFT`).
+    rescale (4.0 by default, the pipeline's ``true_cfg_scale``; 1 skips the unconditional half; below 1 the formula
+    still applies, where the pipeline would turn guidance off) and the dynamic time shift of the pipeline's
+    scheduler config (without a pipeline: Qwen-Image's published one, :data:`tempflow.sde.QWENIMAGE_SHIFT`).
     ``max_sequence_length``: the prompt tokens kept after the template (the pipeline truncates there; the pipeline's
-    default is 512, tempflow's 128); prompts are not padded to it."""
+    default is 512, tempflow's 128); prompts are not padded to it. ``attention``: ``sdpa`` or ``xformers`` (both
+    take the padding mask)."""
 
     embedding_format = "hidden (L_p, D), the prompt's valid tokens"
 
@@ -72,6 +76,21 @@ class QwenImageModel(_PackedModel):
         self.img_shape = (1, self.h // 2, self.w // 2)  # (frames, h, w) of the packed tokens, the RoPE's grid
         scheduler = getattr(self.pipeline, "scheduler", None)
         self.schedule = _schedule(getattr(scheduler, "config", None))
+
+    @staticmethod
+    def _set_attention(transformer, attention: str) -> None:
+        """Qwen-Image's attention takes the prompts' padding mask: ``xformers`` through diffusers' attention
+        dispatcher (its xformers backend takes a mask; the older ``enable_xformers_memory_efficient_attention``
+        would replace Qwen's joint-attention processor), ``flash`` (flash-attn 2 takes no mask) refused."""
+        if attention == "flash":
+            raise ValueError("attention='flash' (flash-attn 2) takes no attention mask, which Qwen-Image's padded "
+                             "prompts need; use attention='sdpa' or 'xformers'")  # fmt: skip
+        if attention == "xformers":
+            if importlib.util.find_spec("xformers") is None:
+                raise ImportError("attention='xformers' needs xformers: pip install tempflow[xformers] (or 'sdpa')")
+            transformer.set_attention_backend("xformers")
+            return
+        set_attention(transformer, attention)
 
     @staticmethod
     def _vae_scale(vae) -> int:
