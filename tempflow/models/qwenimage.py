@@ -42,10 +42,17 @@ __all__ = ["QwenImageModel"]
 
 def _check_masking_transformer() -> None:
     """diffusers before the fix of huggingface/diffusers#12294 (PR #12702) accepted ``encoder_hidden_states_mask``
-    but ignored it, so padded prompt tokens were attended to."""
-    from diffusers.models.transformers import transformer_qwenimage
+    but ignored it (padded prompt tokens were attended to) and took ``txt_seq_lens`` for the RoPE instead."""
+    import inspect
 
-    if not hasattr(transformer_qwenimage, "compute_text_seq_len_from_mask"):
+    try:
+        from diffusers.models.transformers import transformer_qwenimage
+    except ImportError as exc:
+        raise ImportError(
+            "Qwen-Image needs a diffusers with QwenImageTransformer2DModel: pip install -U diffusers"
+        ) from exc
+    old_api = "txt_seq_lens" in inspect.signature(transformer_qwenimage.QwenImageTransformer2DModel.forward).parameters
+    if old_api and not hasattr(transformer_qwenimage, "compute_text_seq_len_from_mask"):
         raise ImportError(
             "this diffusers' QwenImageTransformer2DModel ignores encoder_hidden_states_mask (diffusers issue #12294), "
             "so a prompt's velocity would depend on its padding; upgrade diffusers (pip install -U diffusers; the "
@@ -179,8 +186,8 @@ def _schedule(config) -> dict:
     if config is None:
         return dict(sde.QWENIMAGE_SHIFT)
     get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
-    unsupported = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
-                               "stochastic_sampling") if get(k, False)]  # fmt: skip
+    unsupported = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")
+                   if get(k, False)]  # fmt: skip
     if not get("use_dynamic_shifting", False):
         unsupported.append("use_dynamic_shifting=False")
     if get("time_shift_type", "exponential") != "exponential":
