@@ -256,7 +256,7 @@ def test_qwenimage_grid_is_the_pipelines(steps, size, tmp_path):
     pipe = qwenimage_pipeline(tmp_path)
     model = QwenImageModel.from_pipeline(pipe, height=size, width=size)
     tokens = model.latent_shape[0]
-    assert tokens == (size // 4) ** 2  # the tiny VAE downsamples twice, then 2x2 patches
+    assert tokens == (size // 4) ** 2  # the tiny VAE halves the size, then 2x2 patches
     cfg = pipe.scheduler.config
     mu = calculate_shift(tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
                          cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))  # fmt: skip
@@ -278,8 +278,8 @@ def test_qwenimage_grid_is_the_pipelines(steps, size, tmp_path):
 
 
 def test_qwenimage_tiny_pipeline_has_the_published_scheduler_and_template(qwen):
-    """The tiny pipeline's scheduler config is Qwen-Image's, and its tokenizer splits the chat template's system
-    prompt into the 34 tokens the pipeline drops (as Qwen's own tokenizer does), leaving the prompt's tokens."""
+    """The tiny pipeline's scheduler config is Qwen-Image's, and its tokenizer splits the chat template's text before
+    the prompt into the 34 tokens the pipeline drops (as Qwen's own tokenizer does), leaving the prompt's tokens."""
     pipe, model = qwen
     cfg = pipe.scheduler.config
     published = {

@@ -14,7 +14,7 @@ and use the folder wherever tempflow takes a local model folder, e.g. ``tempflow
 (``tempflow.models.load_model(FOLDER, height=.., width=..)``) or ``tempflow.rewards.PickScore(FOLDER)``. The tiny VAE
 does not downsample, so latents are as large as the images: SD3 takes images up to 32x32 (a 16-patch position
 embedding of 2x2 patches), FLUX any size that is a multiple of 2 (16x16 keeps it fast). The tiny Qwen-Image VAE
-downsamples twice (the real one 8 times), so its images are multiples of 4 (16x16: 16 tokens).
+halves the image size (the real one divides it by 8), so its images are multiples of 4 (16x16: 16 tokens).
 
 In Python, :func:`sd3_pipeline`, :func:`flux_pipeline` and :func:`qwenimage_pipeline` return the pipelines in memory
 and :func:`save_tiny` writes a folder. The same seed gives the same weights.
@@ -170,7 +170,8 @@ def flux_pipeline(workdir, seed: int = 0) -> diffusers.FluxPipeline:
 
 
 #: ``QwenImagePipeline.prompt_template_encode`` (diffusers 0.42): the chat template around every prompt. The pipeline
-#: drops its first ``prompt_template_encode_start_idx`` = 34 tokens, the system prompt as Qwen's tokenizer splits it.
+#: drops its first ``prompt_template_encode_start_idx`` = 34 tokens: the template's text before the prompt (system
+#: prompt and user turn opening) as Qwen's tokenizer splits it.
 QWEN_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
     "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
@@ -188,8 +189,9 @@ QWEN_SCHEDULER = {
 
 def qwen_tokenizer(root):
     """A Qwen2 byte-level BPE tokenizer: the 256 byte symbols (any text), whole-word tokens built by merges for the
-    words of :data:`QWEN_TEMPLATE` (so that its system prompt is 34 tokens, as with Qwen's own vocabulary, and the
-    pipeline's drop of 34 tokens leaves exactly the prompt and the template's end), and Qwen's special tokens.
+    words of :data:`QWEN_TEMPLATE` (so that its text before the prompt is 34 tokens, as with Qwen's own vocabulary,
+    and the pipeline's drop of 34 tokens leaves exactly the prompt and the template's end), and Qwen's special
+    tokens.
     ``vocab.json`` and ``merges.txt`` are written under ``root``. Returns ``(tokenizer, vocab_size)``."""
     transformers = _transformers()
     from tokenizers import AddedToken, Regex, pre_tokenizers
