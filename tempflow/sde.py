@@ -56,6 +56,8 @@ __all__ = [
     "time_grid",
     "flux_mu",
     "flux_time_grid",
+    "QWENIMAGE_SHIFT",
+    "qwenimage_time_grid",
     "grid_from_scheduler",
     "sde_table",
     "at_step",
@@ -137,6 +139,7 @@ def time_grid(
     *,
     mu: float | None = None,
     sigmas: Sequence[float] | None = None,
+    shift_terminal: float | None = None,
     num_train_timesteps: int = 1000,
     device: torch.device | str | None = None,
 ) -> TimeGrid:
@@ -146,7 +149,10 @@ def time_grid(
       down to the scheduler's ``sigma_min`` (the shifted ``1/num_train_timesteps``);
     * dynamic shift (FLUX, ``mu`` given, ``use_dynamic_shifting=True``): ``t = e^mu / (e^mu + (1/s - 1))``;
     * ``sigmas`` given: those ``s`` values are shifted instead (the FLUX pipeline passes
-      ``linspace(1, 1/T, T)``).
+      ``linspace(1, 1/T, T)``);
+    * ``shift_terminal`` (the scheduler config's, e.g. Qwen-Image's 0.02): the shifted times are then stretched,
+      ``t = 1 - (1 - t) (1 - shift_terminal) / (1 - t_last)``, so that the last one before 0 is ``shift_terminal``
+      (the first stays 1); it needs ``num_steps >= 2``.
 
     The arithmetic follows diffusers step by step (numpy float64 or float32, then fp32), so the result is
     bit-identical to the scheduler's ``sigmas`` and ``timesteps``.
@@ -170,6 +176,14 @@ def time_grid(
         s = math.exp(mu) / (math.exp(mu) + (1 / s - 1) ** 1.0)
     else:
         s = shift * s / (1 + (shift - 1) * s)
+    if shift_terminal:
+        if not 0 < shift_terminal < 1:
+            raise ValueError(f"shift_terminal must lie in (0, 1), got {shift_terminal}")
+        if num_steps < 2:
+            raise ValueError("a grid stretched to shift_terminal needs num_steps >= 2 (one step has no last time to "
+                             "stretch: diffusers' scheduler divides by zero there)")  # fmt: skip
+        one_minus = 1 - s  # diffusers' FlowMatchEulerDiscreteScheduler.stretch_shift_to_terminal, op for op
+        s = 1 - (one_minus / (one_minus[-1] / (1 - shift_terminal)))
     t = torch.from_numpy(np.asarray(s)).to(dtype=torch.float32, device=device)
     timesteps = t * num_train_timesteps
     t = torch.cat([t, torch.zeros(1, device=t.device)])
@@ -189,11 +203,32 @@ def flux_mu(
     return image_seq_len * m + b
 
 
-def flux_time_grid(num_steps: int, image_seq_len: int, device=None, **mu_kwargs) -> TimeGrid:
+def flux_time_grid(num_steps: int, image_seq_len: int, device=None, shift_terminal: float | None = None,
+                   **mu_kwargs) -> TimeGrid:  # fmt: skip
     """The FLUX.1 pipeline's grid: ``s = linspace(1, 1/T, T)`` with the dynamic shift of ``image_seq_len`` tokens
-    (4096 for 1024 px)."""
+    (4096 for 1024 px). ``mu_kwargs`` (:func:`flux_mu`'s) and ``shift_terminal`` (:func:`time_grid`'s) give other
+    pipelines' scheduler configs of the same form (:func:`qwenimage_time_grid`)."""
     s = np.linspace(1.0, 1 / num_steps, num_steps)
-    return time_grid(num_steps, mu=flux_mu(image_seq_len, **mu_kwargs), sigmas=s, device=device)
+    return time_grid(num_steps, mu=flux_mu(image_seq_len, **mu_kwargs), sigmas=s, shift_terminal=shift_terminal,
+                     device=device)  # fmt: skip
+
+
+#: Qwen-Image's scheduler config (Qwen/Qwen-Image ``scheduler/scheduler_config.json``: ``base_image_seq_len`` 256,
+#: ``max_image_seq_len`` 8192, ``base_shift`` 0.5, ``max_shift`` 0.9, ``shift_terminal`` 0.02, exponential dynamic
+#: shift) in the names of :func:`flux_mu` and :func:`time_grid`.
+QWENIMAGE_SHIFT = {"base_seq_len": 256, "max_seq_len": 8192, "base_shift": 0.5, "max_shift": 0.9,
+                   "shift_terminal": 0.02}  # fmt: skip
+
+
+def qwenimage_time_grid(num_steps: int, image_seq_len: int, device=None, **overrides) -> TimeGrid:
+    """The Qwen-Image pipeline's grid: the same formula as FLUX's (``s = linspace(1, 1/T, T)``, the exponential
+    shift with ``mu`` linear in the packed image token count, diffusers' ``calculate_shift``) with Qwen-Image's
+    constants (:data:`QWENIMAGE_SHIFT`: ``mu`` 0.5 at 256 tokens to 0.9 at 8192; 1024 px is 4096 tokens), then
+    stretched to end at ``shift_terminal`` 0.02. ``overrides``: other values of those keys (a scheduler config's)."""
+    unknown = set(overrides) - set(QWENIMAGE_SHIFT)
+    if unknown:
+        raise TypeError(f"unknown qwenimage_time_grid settings {sorted(unknown)}; known: {', '.join(QWENIMAGE_SHIFT)}")
+    return flux_time_grid(num_steps, image_seq_len, device=device, **{**QWENIMAGE_SHIFT, **overrides})
 
 
 def grid_from_scheduler(scheduler, device=None) -> TimeGrid:

@@ -1,6 +1,8 @@
-"""One adapter test suite for every model: the tiny random-weight SD3 and FLUX pipelines of tempflow.models.tiny
-(built offline), and the embedded digits model."""
+"""One adapter test suite for every model: the tiny random-weight SD3, FLUX and Qwen-Image pipelines of
+tempflow.models.tiny (built offline), and the embedded digits model; then what each adapter must match of its
+diffusers pipeline."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,15 +12,22 @@ transformers = pytest.importorskip("transformers")
 from tempflow import sde  # noqa: E402
 from tempflow.models import digits as dg  # noqa: E402
 from tempflow.models.diffusers_models import FluxModel, SD3Model, set_attention  # noqa: E402
-from tempflow.models.tiny import flux_pipeline, sd3_pipeline  # noqa: E402
+from tempflow.models.qwenimage import QwenImageModel  # noqa: E402
+from tempflow.models.tiny import flux_pipeline, qwenimage_pipeline, sd3_pipeline  # noqa: E402
+
+# each diffusers family: its tiny pipeline, adapter, a test size, and the rows one guided sample forwards
+FAMILIES = {"sd3": (sd3_pipeline, SD3Model, 32, 2), "flux": (flux_pipeline, FluxModel, 16, 1),
+            "qwenimage": (qwenimage_pipeline, QwenImageModel, 16, 2)}  # fmt: skip
 
 
-@pytest.fixture(params=["sd3", "flux", "digits"])
+@pytest.fixture(params=["sd3", "flux", "qwenimage", "digits"])
 def adapter(request, tmp_path):
     if request.param == "sd3":
         return SD3Model.from_pipeline(sd3_pipeline(tmp_path, t5=False), height=32, width=32)
     if request.param == "flux":  # 16 T5 tokens keep the tiny test fast (the default is 128, as both codebases)
         return FluxModel.from_pipeline(flux_pipeline(tmp_path), height=16, width=16, max_sequence_length=16)
+    if request.param == "qwenimage":
+        return QwenImageModel.from_pipeline(qwenimage_pipeline(tmp_path), height=16, width=16)
     torch.manual_seed(0)
     return dg.DigitsModel(dg.DigitsConfig(num_layers=1, attention_head_dim=8, num_attention_heads=2, text_dim=16))
 
@@ -136,11 +145,11 @@ def test_bad_setup_gives_clear_errors(tmp_path):
             SD3Model.from_pipeline(pipe, height=32, width=32, attention="flash")
 
 
-@pytest.mark.parametrize("build", [sd3_pipeline, flux_pipeline], ids=["sd3", "flux"])
-def test_sample_command_on_a_local_diffusers_folder(build, tmp_path, capsys):
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwenimage"])
+def test_sample_command_on_a_local_diffusers_folder(family, tmp_path, capsys):
     from tempflow import cli
 
-    pipe = build(tmp_path)
+    pipe = FAMILIES[family][0](tmp_path)
     pipe.save_pretrained(tmp_path / "pipe")
     out = tmp_path / "grid.png"
     args = ["sample", "a cat", "a dog", "--per-prompt", "2", "--steps", "2", "--model", str(tmp_path / "pipe")]
@@ -170,12 +179,12 @@ def test_max_sequence_length_reaches_encode_prompt(build, tmp_path):
         assert cond.cond["hidden"].shape[1] == clip + tokens and cond.null["hidden"].shape[1] == clip + tokens
 
 
-@pytest.mark.parametrize("build", [sd3_pipeline, flux_pipeline], ids=["sd3", "flux"])
-def test_initial_latents_are_the_pipelines_own(build, tmp_path):
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwenimage"])
+def test_initial_latents_are_the_pipelines_own(family, tmp_path):
     """A generator gives bit for bit the latents the diffusers pipeline's prepare_latents draws (shape, order and
-    dtype; packed for FLUX), for one generator and for a list of them (one per image)."""
+    dtype; packed for FLUX and Qwen-Image), for one generator and for a list of them (one per image)."""
+    build, cls, size, _ = FAMILIES[family]
     pipe = build(tmp_path)
-    cls, size = (SD3Model, 32) if build is sd3_pipeline else (FluxModel, 16)
     model = cls.from_pipeline(pipe, height=size, width=size, max_sequence_length=16)
     channels = pipe.transformer.config.in_channels // (1 if cls is SD3Model else 4)
 
@@ -193,14 +202,14 @@ def test_initial_latents_are_the_pipelines_own(build, tmp_path):
 
 
 def test_rollout_from_a_generator_and_rows_per_forward(tmp_path):
-    """The rollout's main paths start from the pipeline's latents; SD3's CFG forwards pairs of rows, FLUX.1-dev's
-    guidance embedding one row per sample, and no forward exceeds max_batch rows."""
+    """The rollout's main paths start from the pipeline's latents; SD3's CFG and Qwen-Image's true CFG forward pairs
+    of rows, FLUX.1-dev's guidance embedding one row per sample, and no forward exceeds max_batch rows."""
     from tempflow.rollout import BranchPlan, RolloutConfig, rollout
 
     def reward(images, prompts, metadata):
         return images.float().mean(dim=(1, 2, 3))
 
-    for build, cls, size, per in ((sd3_pipeline, SD3Model, 32, 2), (flux_pipeline, FluxModel, 16, 1)):
+    for build, cls, size, per in FAMILIES.values():
         pipe = build(tmp_path)
         model = cls.from_pipeline(pipe, height=size, width=size, max_sequence_length=16)
         rows = []
@@ -224,3 +233,217 @@ def _counting(forward, rows):
         return forward(x, t, cond, **kw)
 
     return counted
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Qwen-Image: what the adapter must match of QwenImagePipeline
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def qwen(tmp_path):
+    pipe = qwenimage_pipeline(tmp_path)
+    return pipe, QwenImageModel.from_pipeline(pipe, height=16, width=16)
+
+
+@pytest.mark.parametrize("steps", [2, 4, 10, 50])
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_qwenimage_grid_is_the_pipelines(steps, size, tmp_path):
+    """The grid is what QwenImagePipeline.__call__ sets on its scheduler (the shipped Qwen-Image config: mu from
+    calculate_shift of the packed token count, then the stretch to shift_terminal), bit for bit."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+    pipe = qwenimage_pipeline(tmp_path)
+    model = QwenImageModel.from_pipeline(pipe, height=size, width=size)
+    tokens = model.latent_shape[0]
+    assert tokens == (size // 4) ** 2  # the tiny VAE halves the size, then 2x2 patches
+    cfg = pipe.scheduler.config
+    mu = calculate_shift(tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))  # fmt: skip
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    scheduler.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    grid = model.time_grid(steps)
+    assert torch.equal(grid.sigmas, scheduler.sigmas) and torch.equal(grid.timesteps, scheduler.timesteps)
+    assert grid.sigmas[-2].item() == pytest.approx(0.02, abs=1e-6)  # shift_terminal (in fp32)
+    # real sizes: 512 px and 1024 px are 1024 and 4096 tokens with the real 8x VAE
+    for real_tokens in (1024, 4096):
+        scheduler.set_timesteps(
+            steps,
+            sigmas=np.linspace(1.0, 1 / steps, steps),
+            mu=calculate_shift(
+                real_tokens, cfg["base_image_seq_len"], cfg["max_image_seq_len"], cfg["base_shift"], cfg["max_shift"]
+            ),
+        )
+        assert torch.equal(sde.qwenimage_time_grid(steps, real_tokens).sigmas, scheduler.sigmas)
+
+
+def test_qwenimage_tiny_pipeline_has_the_published_scheduler_and_template(qwen):
+    """The tiny pipeline's scheduler config is Qwen-Image's, and its tokenizer splits the chat template's text before
+    the prompt into the 34 tokens the pipeline drops (as Qwen's own tokenizer does), leaving the prompt's tokens."""
+    pipe, model = qwen
+    cfg = pipe.scheduler.config
+    published = {
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 8192,
+        "base_shift": 0.5,
+        "max_shift": 0.9,
+        "shift": 1.0,
+        "shift_terminal": 0.02,
+        "use_dynamic_shifting": True,
+        "time_shift_type": "exponential",
+    }
+    assert {k: cfg[k] for k in published} == published
+    assert model.schedule == sde.QWENIMAGE_SHIFT
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    assert len(pipe.tokenizer(prefix).input_ids) == pipe.prompt_template_encode_start_idx == 34
+    hidden, mask = pipe.encode_prompt(["a cat", ""], device="cpu")
+    # kept: the prompt's tokens, then <|im_end|> \n <|im_start|> assistant \n
+    assert mask.sum(1).tolist() == [len(pipe.tokenizer("a cat").input_ids) + 5, 5]
+
+
+def test_qwenimage_conditioning_pads_prompts_and_the_unconditional_one(qwen):
+    """Prompts of different lengths and the unconditional "" share one padded length with a mask of their valid
+    tokens; the hidden states are encode_prompt's, and a prompt's velocity does not depend on the padding."""
+    pipe, model = qwen
+    long = "a very long prompt about a red fox jumping over the lazy brown dog in the snow"
+    cond = model.encode(["a cat", long])
+    hidden, mask = pipe.encode_prompt(["a cat", long], device="cpu")
+    null, null_mask = pipe.encode_prompt([""], device="cpu")
+    assert cond.cond["hidden"].shape[1] == cond.null["hidden"].shape[1] == hidden.shape[1] > null.shape[1]
+    torch.testing.assert_close(cond.cond["hidden"], hidden, rtol=0, atol=0)
+    assert torch.equal(cond.cond["mask"], mask) and null_mask is None  # encode_prompt drops an all-ones mask
+    n = null.shape[1]
+    assert cond.null["mask"][0].tolist() == [1] * n + [0] * (hidden.shape[1] - n)
+    assert torch.equal(cond.null["hidden"][0, :n], null[0]) and not cond.null["hidden"][0, n:].any()
+    short = model.encode(["a cat"])  # shorter padding: the unconditional prompt's length
+    assert short.cond["hidden"].shape[1] < cond.cond["hidden"].shape[1]
+    x = model.initial_latents(1, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for g in (1.0, 4.0):
+            a = model.velocity(x, 0.6, short, torch.tensor([0]), g)
+            b = model.velocity(x, 0.6, cond, torch.tensor([0]), g)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    trimmed = QwenImageModel.from_pipeline(pipe, height=16, width=16, max_sequence_length=4).encode([long])
+    assert trimmed.cond["hidden"].shape[1] == trimmed.null["hidden"].shape[1] == 4  # at most 4 tokens kept
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.5, 4.0])
+def test_qwenimage_velocity_is_the_pipelines_true_cfg(qwen, guidance):
+    """velocity() with guidance is what QwenImagePipeline's loop computes from its two transformer calls (the
+    prompts, then the negative prompt ""): ``comb = neg + g (cond - neg)`` rescaled to the conditional norm."""
+    pipe, model = qwen
+    prompts = ["a cat", "Two DOGS, 7!", "a cat"]
+    x = model.initial_latents(3, torch.Generator().manual_seed(3))
+    t = torch.tensor(0.7)
+    with torch.no_grad():
+        ours = model.velocity(x, t, model.encode(prompts), torch.arange(3), guidance)
+        embeds, mask = pipe.encode_prompt(prompts, device="cpu")
+        neg, neg_mask = pipe.encode_prompt([""] * 3, device="cpu")
+        timestep = (t * 1000).expand(3).to(x.dtype)  # as the pipeline's loop: scheduler timesteps, then / 1000
+        shapes = [[(1, model.h // 2, model.w // 2)]] * 3
+
+        def call(e, m):
+            return pipe.transformer(hidden_states=x, timestep=timestep / 1000, encoder_hidden_states=e,
+                                    encoder_hidden_states_mask=m, img_shapes=shapes, return_dict=False)[0]  # fmt: skip
+
+        noise_pred = call(embeds, mask)
+        if guidance > 1:
+            neg_pred = call(neg, neg_mask)
+            comb = neg_pred + guidance * (noise_pred - neg_pred)
+            noise_pred = comb * (torch.norm(noise_pred, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+    assert model.forward_rows(guidance) == (1 if guidance == 1 else 2)
+    torch.testing.assert_close(ours, noise_pred, rtol=1e-5, atol=1e-5)
+    assert guidance == 1 or not torch.allclose(ours, model.velocity(x, t, model.encode(prompts), torch.arange(3), 1.0))
+
+
+def test_qwenimage_sampling_and_decoding_are_the_pipelines(qwen):
+    """QwenImagePipeline.__call__ (true CFG with negative prompt "", its own grid) from the same initial latents
+    gives the latents and images of the adapter's Euler ODE sampling on its time grid, then decode()."""
+    pipe, model = qwen
+    prompts, steps, g = ["a cat", "Two DOGS, 7!"], 4, 3.0
+    start = model.initial_latents(2, torch.Generator().manual_seed(11))
+    grid = model.time_grid(steps)
+    cond = model.encode(prompts)
+    x = start
+    with torch.no_grad():
+        for k in range(steps):
+            x = sde.ode_step(x, model.velocity(x, grid.sigmas[k], cond, torch.arange(2), g), k, grid)
+        images = model.decode(x)
+    kwargs = {"prompt": prompts, "negative_prompt": [""] * 2, "true_cfg_scale": g, "height": 16, "width": 16,
+              "num_inference_steps": steps, "latents": start.clone()}  # fmt: skip
+    latents = pipe(**kwargs, output_type="latent").images
+    torch.testing.assert_close(x, latents, rtol=1e-4, atol=1e-5)
+    official = pipe(**kwargs, output_type="pt").images
+    assert images.shape == official.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(images, official, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.decode(latents), official, rtol=0, atol=0)  # decode alone: the same bits
+
+
+def test_qwenimage_precomputed_embeddings_and_clear_errors(qwen, tmp_path):
+    pipe, model = qwen
+    embeddings = {}
+    for p in ("a cat", "Two DOGS, 7!", ""):
+        hidden, mask = pipe.encode_prompt([p], device="cpu")
+        assert mask is None  # one prompt: no padding
+        embeddings[p] = hidden[0]
+    pre = QwenImageModel(pipe.transformer, pipe.vae, embeddings=embeddings, height=16, width=16)
+    x = model.initial_latents(2, torch.Generator().manual_seed(1))
+    index = torch.tensor([1, 0])
+    with torch.no_grad():
+        a = pre.velocity(x, 0.5, pre.encode(["a cat", "Two DOGS, 7!"]), index)
+        b = model.velocity(x, 0.5, model.encode(["a cat", "Two DOGS, 7!"]), index)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert pre.time_grid(6).sigmas.equal(model.time_grid(6).sigmas)  # no pipeline: the published scheduler config
+    with pytest.raises(KeyError, match="no precomputed embedding"):
+        pre.encode(["a dog"])
+    with pytest.raises(ValueError, match=r"one tensor hidden \(L_p, D\)"):
+        QwenImageModel(pipe.transformer, pipe.vae, embeddings={"": embeddings[""][None]}).encode([""])
+    with pytest.raises(ValueError, match=r"embeddings=\{prompt: hidden \(L_p, D\)"):
+        QwenImageModel(pipe.transformer, pipe.vae)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        QwenImageModel.from_pipeline(pipe, height=18, width=16)
+    with pytest.raises(ValueError, match="flash-attn 2.*takes no attention mask"):
+        QwenImageModel.from_pipeline(pipe, height=16, width=16, attention="flash")
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is None:
+        with pytest.raises(ImportError, match="needs xformers"):
+            QwenImageModel.from_pipeline(pipe, height=16, width=16, attention="xformers")
+    edit = diffusers.QwenImageTransformer2DModel(num_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                                 in_channels=16, out_channels=4, joint_attention_dim=16,
+                                                 axes_dims_rope=(8, 4, 4), zero_cond_t=True)  # fmt: skip
+    with pytest.raises(ValueError, match="zero_cond_t: a guidance-distilled, editing or layered variant"):
+        QwenImageModel(edit, pipe.vae, pipeline=pipe)
+    pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config,
+                                                                           use_karras_sigmas=True)  # fmt: skip
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        QwenImageModel.from_pipeline(pipe, height=16, width=16)
+
+
+def test_qwenimage_folder_round_trip(tmp_path):
+    """`tempflow tiny-model qwenimage` writes a folder that load_model recognises as Qwen-Image and loads as the
+    pipeline it was saved from; an editing pipeline's folder (same transformer class) is refused by name."""
+    import json
+
+    from tempflow import cli
+    from tempflow.models import detect_family, load_model
+
+    folder = tmp_path / "qwen"
+    assert cli.main(["tiny-model", "qwenimage", str(folder)]) == 0
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "QwenImagePipeline" and index["transformer"][1] == "QwenImageTransformer2DModel"
+    assert detect_family(str(folder)).name == "qwenimage"
+    loaded = load_model(str(folder), height=16, width=16, dtype="fp32")
+    assert isinstance(loaded, QwenImageModel) and loaded.max_sequence_length == 128
+    fresh = QwenImageModel.from_pipeline(qwenimage_pipeline(tmp_path / "work"), height=16, width=16)
+    x = fresh.initial_latents(2, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a = loaded.velocity(x, 0.4, loaded.encode(["a cat", "a dog"]), torch.tensor([0, 1]))
+        b = fresh.velocity(x, 0.4, fresh.encode(["a cat", "a dog"]), torch.tensor([0, 1]))
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert loaded.decode(x).shape == (2, 3, 16, 16)
+    assert loaded.pipeline.vae.dtype == torch.float32
+    index["_class_name"] = "QwenImageEditPipeline"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="QwenImageEditPipeline with transformer QwenImageTransformer2DModel"):
+        load_model(str(folder))

@@ -62,3 +62,28 @@ def test_grid_bad_input():
         sde.TimeGrid(torch.tensor([0.5, 0.8, 0.0]), torch.tensor([500.0, 800.0]))
     with pytest.raises(ValueError, match="timesteps must have"):
         sde.TimeGrid(torch.tensor([1.0, 0.5, 0.0]), torch.tensor([1000.0]))
+
+
+@pytest.mark.parametrize("steps", [2, 10, 50])
+@pytest.mark.parametrize("tokens", [16, 1024, 4096, 8192])
+def test_qwenimage_grids_are_diffusers(steps, tokens):
+    """Qwen-Image's grid: FLUX's formula with its scheduler config, then the stretch to shift_terminal 0.02."""
+    cfg = {"base_image_seq_len": 256, "max_image_seq_len": 8192, "base_shift": 0.5, "max_shift": 0.9}
+    s = Scheduler(use_dynamic_shifting=True, shift_terminal=0.02, time_shift_type="exponential", **cfg)
+    mu = sde.flux_mu(tokens, 256, 8192, 0.5, 0.9)
+    s.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    g = sde.qwenimage_time_grid(steps, tokens)
+    assert torch.equal(g.sigmas, s.sigmas) and torch.equal(g.timesteps, s.timesteps)
+    assert g.sigmas[0] == 1 and g.sigmas[-2].item() == pytest.approx(0.02, abs=1e-6)
+    s2 = Scheduler(shift=3.0, shift_terminal=0.1)  # the stretch after a static shift too
+    s2.set_timesteps(steps)
+    assert torch.equal(sde.time_grid(steps, shift=3.0, shift_terminal=0.1).sigmas, s2.sigmas)
+
+
+def test_shift_terminal_bad_input():
+    with pytest.raises(ValueError, match="num_steps >= 2"):
+        sde.qwenimage_time_grid(1, 4096)
+    with pytest.raises(ValueError, match=r"shift_terminal must lie in \(0, 1\)"):
+        sde.time_grid(4, shift_terminal=1.5)
+    with pytest.raises(TypeError, match="unknown qwenimage_time_grid settings"):
+        sde.qwenimage_time_grid(4, 4096, max_shfit=1.0)

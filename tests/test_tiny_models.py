@@ -17,6 +17,7 @@ from safetensors.torch import load_file  # noqa: E402
 from tempflow import cli  # noqa: E402
 from tempflow.models import load_model, tiny  # noqa: E402
 from tempflow.models.diffusers_models import FluxModel, SD3Model  # noqa: E402
+from tempflow.models.qwenimage import QwenImageModel  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a cat", "Two DOGS, 7!", ""]  # upper case, punctuation and the empty prompt go through the tokenizers too
@@ -39,6 +40,8 @@ def reload(folder):
 
 def encode(pipe):
     with torch.no_grad():
+        if isinstance(pipe, diffusers.QwenImagePipeline):  # hidden states of the valid tokens, and their mask
+            return pipe.encode_prompt(PROMPTS, device="cpu", max_sequence_length=16)
         if isinstance(pipe, diffusers.FluxPipeline):
             return pipe.encode_prompt(PROMPTS, PROMPTS, device="cpu", max_sequence_length=16)
         hidden, _, pooled, _ = pipe.encode_prompt(PROMPTS, PROMPTS, PROMPTS, device="cpu", max_sequence_length=16,
@@ -50,10 +53,12 @@ def modules(pipe):
     return {name: c for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
 
 
-@pytest.mark.parametrize("kind", ["sd3", "sd3-no-t5", "flux"])
+@pytest.mark.parametrize("kind", ["sd3", "sd3-no-t5", "flux", "qwenimage"])
 def test_saved_pipeline_reloads_as_the_one_in_memory(kind, saved, tmp_path):
     if kind == "flux":
         pipe, folder = tiny.flux_pipeline(tmp_path / "work"), saved["flux"]
+    elif kind == "qwenimage":
+        pipe, folder = tiny.qwenimage_pipeline(tmp_path / "work"), saved["qwenimage"]
     elif kind == "sd3":
         pipe, folder = tiny.sd3_pipeline(tmp_path / "work"), saved["sd3"]
     else:
@@ -65,8 +70,11 @@ def test_saved_pipeline_reloads_as_the_one_in_memory(kind, saved, tmp_path):
     assert modules(loaded).keys() == modules(pipe).keys()
     if kind.startswith("sd3"):
         assert (loaded.text_encoder_3 is None) == (loaded.tokenizer_3 is None) == (kind == "sd3-no-t5")
-    else:
+    elif kind == "flux":
         assert loaded.transformer.config.guidance_embeds
+    else:  # Qwen-Image: the scheduler config and the tokenizer's special tokens survive the round trip
+        assert {k: loaded.scheduler.config[k] for k in tiny.QWEN_SCHEDULER} == tiny.QWEN_SCHEDULER
+        assert loaded.tokenizer.tokenize("<|im_start|>user\n") == ["<|im_start|>", "user", "\u010a"]
     for name, module in modules(pipe).items():
         for (ka, va), (kb, vb) in zip(module.state_dict().items(), modules(loaded)[name].state_dict().items(),
                                       strict=True):  # fmt: skip
@@ -79,11 +87,11 @@ def test_saved_pipeline_reloads_as_the_one_in_memory(kind, saved, tmp_path):
         assert bool(hidden[:, 77:].abs().sum() > 0) == (kind == "sd3")
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "qwenimage"])
 def test_load_model_takes_a_saved_folder(kind, saved):
-    size = {"sd3": 32, "flux": 16}[kind]
+    size = {"sd3": 32, "flux": 16, "qwenimage": 16}[kind]
     model = load_model(str(saved[kind]), height=size, width=size, torch_dtype=torch.float32)
-    assert isinstance(model, {"sd3": SD3Model, "flux": FluxModel}[kind])
+    assert isinstance(model, {"sd3": SD3Model, "flux": FluxModel, "qwenimage": QwenImageModel}[kind])
     cond = model.encode(["a cat", "a dog"])
     x = torch.randn(2, *model.latent_shape)
     with torch.no_grad():
@@ -128,7 +136,7 @@ def test_the_seed_makes_the_weights(kind, saved, tmp_path):
 
 
 def test_save_tiny_refuses_what_it_should(tmp_path):
-    with pytest.raises(ValueError, match="unknown tiny model kind 'sdxl': choose one of sd3, flux, clip"):
+    with pytest.raises(ValueError, match="unknown tiny model kind 'sdxl': choose one of sd3, flux, qwenimage, clip"):
         tiny.save_tiny("sdxl", str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
     (tmp_path / "full").mkdir()

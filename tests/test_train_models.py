@@ -35,9 +35,10 @@ GENEVAL = [
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """Tiny random-weight SD3 and FLUX pipeline folders, a tiny CLIP folder (PickScore's format), prompt files."""
+    """Tiny random-weight SD3, FLUX and Qwen-Image pipeline folders, a tiny CLIP folder (PickScore's format), prompt
+    files."""
     root = tmp_path_factory.mktemp("tiny")
-    out = {kind: save_tiny(kind, str(root / kind)) for kind in ("sd3", "flux", "clip")}
+    out = {kind: save_tiny(kind, str(root / kind)) for kind in ("sd3", "flux", "qwenimage", "clip")}
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     (root / "geneval.jsonl").write_text("\n".join(json.dumps(r) for r in GENEVAL) + "\n")
     out["txt"], out["jsonl"] = str(root / "prompts.txt"), str(root / "geneval.jsonl")
@@ -66,7 +67,8 @@ def check_run(out, model, prompts, part_names):
     assert os.listdir(os.path.join(out, "samples")) and os.path.exists(os.path.join(out, "checkpoint.pt"))
 
 
-@pytest.mark.parametrize("config", ["sd35m_pickscore.yaml", "sd35m_geneval_server.yaml", "flux_dev_hps.yaml"])
+@pytest.mark.parametrize("config", ["sd35m_pickscore.yaml", "sd35m_geneval_server.yaml", "flux_dev_hps.yaml",
+                                    "qwenimage_pickscore.yaml"])  # fmt: skip
 def test_example_config_on_a_tiny_model_of_its_family(config, tiny, tmp_path, capsys):
     path = os.path.join(CONFIGS, config)
     paper = TrainConfig.from_sources(path)
@@ -78,9 +80,9 @@ def test_example_config_on_a_tiny_model_of_its_family(config, tiny, tmp_path, ca
         64,
     )
     assert paper.clip_eps == 1e-4 and paper.lr == 3e-4 and paper.max_sequence_length == 128
-    family = "flux" if config.startswith("flux") else "sd3"
+    family = {"sd35m": "sd3", "flux": "flux", "qwenimage": "qwenimage"}[config.split("_")[0]]
     out = str(tmp_path / "run")
-    sets = [f"model={tiny[family]}", f"resolution={16 if family == 'flux' else 32}", f"out={out}", *SIZES]
+    sets = [f"model={tiny[family]}", f"resolution={32 if family == 'sd3' else 16}", f"out={out}", *SIZES]
     server = None
     if "geneval" in config:
         server = serve(FunctionReward(geneval_stand_in, "geneval-stand-in"))

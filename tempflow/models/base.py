@@ -151,8 +151,9 @@ class FlowModel:
         index: torch.Tensor,
         guidance: float | None = None,
     ) -> torch.Tensor:
-        """``v(x, t, prompt[index])`` with classifier-free guidance ``v_u + g (v_c - v_u)`` as one batched forward
-        (``guidance`` 1 or None-with-default-1 skips the unconditional half). ``t``: float or ``(B,)``."""
+        """``v(x, t, prompt[index])`` with classifier-free guidance (:meth:`guide`, ``v_u + g (v_c - v_u)`` by
+        default) as one batched forward of the unconditional and conditional halves (``guidance`` 1 or
+        None-with-default-1 skips the unconditional half). ``t``: float or ``(B,)``."""
         g = self.default_guidance if guidance is None else float(guidance)
         b = x.shape[0]
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
@@ -163,6 +164,11 @@ class FlowModel:
         both = {k: torch.cat([null[k].to(rows[k].device), rows[k]]) for k in rows}
         v = self.forward_velocity(torch.cat([x, x]), torch.cat([t, t]), both)
         v_u, v_c = v.chunk(2)
+        return self.guide(v_u, v_c, g)
+
+    def guide(self, v_u: torch.Tensor, v_c: torch.Tensor, g: float) -> torch.Tensor:
+        """The guided velocity from the unconditional and conditional ones (``guidance`` g != 1): classifier-free
+        guidance ``v_u + g (v_c - v_u)``; an adapter whose pipeline combines them otherwise overrides this."""
         return v_u + g * (v_c - v_u)
 
 

@@ -1,4 +1,5 @@
-"""Adapters for diffusers models: SD3 / SD3.5 (``SD3Transformer2DModel``) and FLUX.1 (``FluxTransformer2DModel``).
+"""Adapters for diffusers models: SD3 / SD3.5 (``SD3Transformer2DModel``) and FLUX.1 (``FluxTransformer2DModel``);
+Qwen-Image (:mod:`tempflow.models.qwenimage`) builds on the same base.
 
 Build one from a local diffusers folder (``SD3Model.from_pretrained(path)``; nothing is downloaded), from a pipeline
 object you already have (``SD3Model.from_pipeline(pipe)``), or from a transformer and VAE plus precomputed prompt
@@ -42,26 +43,43 @@ def set_attention(transformer, attention: str = "sdpa") -> None:
 
 
 class _DiffusersModel(FlowModel):
-    """What SD3 and FLUX share: prompt encoding (pipeline or precomputed), the VAE decode, trainable parameters."""
+    """What the diffusers adapters share: prompt encoding (pipeline or precomputed), the VAE decode, trainable
+    parameters. Subclasses encode with :meth:`_encode_texts` (a dict of batch tensors per prompt list), and may
+    change how precomputed embeddings become tensors (:meth:`_embedding_rows`), how the conditional and
+    unconditional tensors are joined (:meth:`_conditioning`), the VAE's scale (:meth:`_vae_scale`) and the latent
+    to image path (:meth:`_decode_latents`)."""
+
+    #: the form of one precomputed embedding, for error messages
+    embedding_format = "(hidden, pooled)"
 
     def __init__(self, transformer, vae=None, pipeline=None, embeddings=None, height: int | None = None,
                  width: int | None = None, guidance: float = 4.5, attention: str = "sdpa",
                  max_sequence_length: int = 128, device=None):  # fmt: skip
         if pipeline is None and embeddings is None:
             raise ValueError(
-                "give a pipeline (for its text encoders) or precomputed embeddings={prompt: (hidden, pooled)}"
+                f"give a pipeline (for its text encoders) or precomputed embeddings={{prompt: {self.embedding_format}}}"
             )
         self.transformer, self.vae, self.pipeline, self.embeddings = transformer, vae, pipeline, embeddings
         self.device = torch.device(device) if device is not None else next(transformer.parameters()).device
         self.default_guidance = guidance
         self.max_sequence_length = int(max_sequence_length)
-        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.vae_scale = self._vae_scale(vae) if vae is not None else 8
         native = self.native_resolution()
         height, width = height or native, width or native
         if height % (self.vae_scale * 2) or width % (self.vae_scale * 2):
             raise ValueError(f"height and width must be multiples of {self.vae_scale * 2}, got {height}x{width}")
         self.height, self.width = height, width
+        self._set_attention(transformer, attention)
+
+    @staticmethod
+    def _set_attention(transformer, attention: str) -> None:
+        """Switch the transformer's attention kernels (:func:`set_attention`)."""
         set_attention(transformer, attention)
+
+    @staticmethod
+    def _vae_scale(vae) -> int:
+        """How many pixels one latent spans per side (AutoencoderKL: 2 per down block after the first)."""
+        return 2 ** (len(vae.config.block_out_channels) - 1)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -105,8 +123,19 @@ class _DiffusersModel(FlowModel):
             pipe.vae.to(torch.float32)
         return cls.from_pipeline(pipe, **kwargs)
 
-    def _encode_texts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_texts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The text encoders' output for ``prompts``: named tensors with the prompt first."""
         raise NotImplementedError
+
+    def _embedding_rows(self, rows: list) -> dict[str, torch.Tensor]:
+        """Precomputed embeddings (one ``embeddings[prompt]`` per row) as the tensors :meth:`_encode_texts` gives."""
+        hidden = torch.stack([h for h, _ in rows]).to(self.device, self.dtype)
+        pooled = torch.stack([p for _, p in rows]).to(self.device, self.dtype)
+        return {"hidden": hidden, "pooled": pooled}
+
+    def _conditioning(self, cond: dict[str, torch.Tensor], null: dict[str, torch.Tensor]) -> Conditioning:
+        """The prompts' tensors and the unconditional prompt's (a leading 1) joined into a Conditioning."""
+        return Conditioning(cond, null)
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Conditioning:
@@ -115,23 +144,25 @@ class _DiffusersModel(FlowModel):
             missing = [p for p in [*prompts, ""] if p not in self.embeddings]
             if missing:
                 raise KeyError(f"no precomputed embedding for prompts {missing[:5]} (the unconditional one is '')")
-            rows = [self.embeddings[p] for p in prompts]
-            hidden = torch.stack([h for h, _ in rows]).to(self.device, self.dtype)
-            pooled = torch.stack([p for _, p in rows]).to(self.device, self.dtype)
-            null_h, null_p = (t.unsqueeze(0).to(self.device, self.dtype) for t in self.embeddings[""])
+            cond = self._embedding_rows([self.embeddings[p] for p in prompts])
+            null = self._embedding_rows([self.embeddings[""]])
         else:
-            hidden, pooled = self._encode_texts(prompts)
-            null_h, null_p = self._encode_texts([""])
-        return Conditioning({"hidden": hidden, "pooled": pooled}, {"hidden": null_h, "pooled": null_p})
+            cond, null = self._encode_texts(prompts), self._encode_texts([""])
+        return self._conditioning(cond, null)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in [0, 1] from latents ``(B, *latent_shape)`` (the VAE in its own dtype)."""
         if self.vae is None:
             raise RuntimeError("this adapter has no VAE to decode with; pass vae= (or build it from a pipeline)")
+        with torch.no_grad():
+            images = self._decode_latents(latents)
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's images in [-1, 1]: AutoencoderKL's scaling and shift factors undone, as the pipelines do."""
         z = self.unpack(latents).to(self.vae.dtype)
         z = z / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
-        with torch.no_grad():
-            images = self.vae.decode(z).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return self.vae.decode(z).sample
 
     def unpack(self, latents: torch.Tensor) -> torch.Tensor:
         return latents
@@ -155,7 +186,7 @@ class SD3Model(_DiffusersModel):
             prompts, prompts, prompts, device=self.device, do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )  # fmt: skip
-        return hidden.to(self.dtype), pooled.to(self.dtype)
+        return {"hidden": hidden.to(self.dtype), "pooled": pooled.to(self.dtype)}
 
     def forward_velocity(self, x, t, cond):
         dtype = self.dtype
@@ -167,15 +198,55 @@ class SD3Model(_DiffusersModel):
         ).sample
 
 
-class FluxModel(_DiffusersModel):
+class _PackedModel(_DiffusersModel):
+    """What FLUX and Qwen-Image share: VAE latents ``(C, h, w)`` (h = H / vae_scale) packed into 2x2 patches, so
+    the denoiser sees ``(L, 4C)`` with ``L = (h/2)(w/2)`` tokens, and the pipelines' default size of 128 latents a
+    side."""
+
+    def __init__(self, transformer, vae=None, **kwargs):
+        super().__init__(transformer, vae, **kwargs)
+        self.channels = transformer.config.in_channels // 4
+        self.h, self.w = self.height // self.vae_scale, self.width // self.vae_scale
+        self.latent_shape = ((self.h // 2) * (self.w // 2), self.channels * 4)
+
+    def native_resolution(self) -> int:
+        # FluxPipeline and QwenImagePipeline: default_sample_size 128 latents x the VAE scale (1024 px)
+        return int(getattr(self.pipeline, "default_sample_size", None) or 128) * self.vae_scale
+
+    def _noise_shape(self, n: int) -> tuple[int, ...]:
+        """The shape the pipeline's ``prepare_latents`` draws its noise in, before packing."""
+        return (n, self.channels, self.h, self.w)
+
+    def initial_latents(self, n: int, generator=None, dtype=None) -> torch.Tensor:
+        """As the pipeline's ``prepare_latents``: ``randn_tensor`` of the unpacked shape, then packed."""
+        from .base import randn_tensor
+
+        if isinstance(generator, (list, tuple)) and len(generator) != n:
+            raise ValueError(f"a list of generators needs one per latent: {len(generator)} for {n} latents")
+        generator = list(generator) if isinstance(generator, tuple) else generator
+        z = randn_tensor(self._noise_shape(int(n)), generator=generator, device=self.device,
+                         dtype=dtype or self.noise_dtype)  # fmt: skip
+        return self.pack(z.reshape(int(n), self.channels, self.h, self.w))
+
+    def unpack(self, latents: torch.Tensor) -> torch.Tensor:
+        """Packed ``(B, L, 4C)`` to ``(B, C, h, w)``."""
+        b, n, d = latents.shape
+        z = latents.view(b, self.h // 2, self.w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return z.reshape(b, d // 4, self.h, self.w)
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """``(B, C, h, w)`` to packed ``(B, L, 4C)`` (the pipelines' ``_pack_latents``)."""
+        b, c, h, w = latents.shape
+        z = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return z.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+class FluxModel(_PackedModel):
     """FLUX.1: packed latents ``(L, 4C)`` with L = (H/16)(W/16) tokens, image and text position ids, the dynamic
     time shift of L tokens; FLUX.1-dev's guidance embedding replaces classifier-free guidance (one forward)."""
 
     def __init__(self, transformer, vae=None, guidance: float = 3.5, **kwargs):
         super().__init__(transformer, vae, guidance=guidance, **kwargs)
-        self.channels = transformer.config.in_channels // 4
-        self.h, self.w = self.height // self.vae_scale, self.width // self.vae_scale
-        self.latent_shape = ((self.h // 2) * (self.w // 2), self.channels * 4)
         ids = torch.zeros(self.h // 2, self.w // 2, 3)
         ids[..., 1] += torch.arange(self.h // 2)[:, None]
         ids[..., 2] += torch.arange(self.w // 2)[None, :]
@@ -188,26 +259,11 @@ class FluxModel(_DiffusersModel):
     def forward_rows(self, guidance=None) -> int:
         return 1 if self.guidance_embeds else super().forward_rows(guidance)
 
-    def initial_latents(self, n: int, generator=None, dtype=None) -> torch.Tensor:
-        """As ``FluxPipeline.prepare_latents``: ``randn_tensor`` of ``(n, C, H/8, W/8)``, then packed."""
-        from .base import randn_tensor
-
-        if isinstance(generator, (list, tuple)) and len(generator) != n:
-            raise ValueError(f"a list of generators needs one per latent: {len(generator)} for {n} latents")
-        generator = list(generator) if isinstance(generator, tuple) else generator
-        z = randn_tensor((int(n), self.channels, self.h, self.w), generator=generator, device=self.device,
-                         dtype=dtype or self.noise_dtype)  # fmt: skip
-        return self.pack(z)
-
     def _encode_texts(self, prompts):
         hidden, pooled, _ = self.pipeline.encode_prompt(
             prompts, prompts, device=self.device, max_sequence_length=self.max_sequence_length
         )
-        return hidden.to(self.dtype), pooled.to(self.dtype)
-
-    def native_resolution(self) -> int:
-        # diffusers' FluxPipeline: default_sample_size 128 latents x the VAE scale (1024 px for FLUX.1)
-        return int(getattr(self.pipeline, "default_sample_size", None) or 128) * self.vae_scale
+        return {"hidden": hidden.to(self.dtype), "pooled": pooled.to(self.dtype)}
 
     def forward_velocity(self, x, t, cond, guidance: torch.Tensor | None = None):
         dtype = self.dtype
@@ -230,13 +286,3 @@ class FluxModel(_DiffusersModel):
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
         gv = torch.full((b,), g, device=x.device, dtype=self.dtype)
         return self.forward_velocity(x, t, cond.select(index), guidance=gv)
-
-    def unpack(self, latents: torch.Tensor) -> torch.Tensor:
-        b, n, d = latents.shape
-        z = latents.view(b, self.h // 2, self.w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        return z.reshape(b, d // 4, self.h, self.w)
-
-    def pack(self, latents: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = latents.shape
-        z = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-        return z.reshape(b, (h // 2) * (w // 2), c * 4)

@@ -7,7 +7,7 @@ and nothing else in tempflow changes (the engine and the trainer see only the Fl
 Every family takes the same loading options: ``device``, ``dtype`` (the denoiser's and text encoders' weights:
 fp32 | bf16 | fp16; trainable LoRA weights are made fp32 by the trainer), ``height`` / ``width`` (None: the
 model's own default size), ``attention`` (sdpa | xformers | flash) and ``max_sequence_length`` (T5 tokens;
-families without T5 ignore it).
+Qwen-Image: the most prompt tokens kept; families without either ignore it).
 """
 
 from __future__ import annotations
@@ -63,12 +63,22 @@ def _load_flux(path, **options):
     return FluxModel.from_pretrained(path, **options)
 
 
-def _has_transformer(name: str) -> Callable[[dict], bool]:
-    return lambda index: _transformer_class(index) == name
+def _load_qwenimage(path, **options):
+    from .qwenimage import QwenImageModel
+
+    return QwenImageModel.from_pretrained(path, **options)
+
+
+def _has_transformer(name: str, pipeline: str | None = None) -> Callable[[dict], bool]:
+    """The folder's transformer class is ``name`` (and, if given, its pipeline class ``pipeline``)."""
+    return lambda index: _transformer_class(index) == name and pipeline in (None, index.get("_class_name"))
 
 
 register_family("sd3", "SD3 / SD3.5 (SD3Transformer2DModel)", _has_transformer("SD3Transformer2DModel"), _load_sd3)
 register_family("flux", "FLUX.1 (FluxTransformer2DModel)", _has_transformer("FluxTransformer2DModel"), _load_flux)
+# Qwen-Image-Edit shares the transformer class but not the pipeline (its prompts take an image): not this adapter
+register_family("qwenimage", "Qwen-Image (QwenImagePipeline, QwenImageTransformer2DModel)",
+                _has_transformer("QwenImageTransformer2DModel", "QwenImagePipeline"), _load_qwenimage)  # fmt: skip
 
 
 def _read_index(path: str) -> dict:

@@ -1,5 +1,5 @@
-"""Tiny random-weight models of the real architectures, built offline in a second: SD3 / SD3.5 and FLUX.1-dev
-diffusers pipelines, and a transformers CLIP model (what the PickScore and Aesthetic rewards load).
+"""Tiny random-weight models of the real architectures, built offline in a second: SD3 / SD3.5, FLUX.1-dev and
+Qwen-Image diffusers pipelines, and a transformers CLIP model (what the PickScore and Aesthetic rewards load).
 
 They are for trying tempflow's diffusers code paths on a machine without a GPU, without downloading gigabytes from a
 model hub (nothing here touches the network), and for tests. The architectures, configs, tokenizers and folder
@@ -8,15 +8,16 @@ weights are random: the images they make are noise and their rewards mean nothin
 
 Write one to a folder with::
 
-    tempflow tiny-model sd3|flux|clip FOLDER
+    tempflow tiny-model sd3|flux|qwenimage|clip FOLDER
 
 and use the folder wherever tempflow takes a local model folder, e.g. ``tempflow sample --model FOLDER --size 16``
 (``tempflow.models.load_model(FOLDER, height=.., width=..)``) or ``tempflow.rewards.PickScore(FOLDER)``. The tiny VAE
 does not downsample, so latents are as large as the images: SD3 takes images up to 32x32 (a 16-patch position
-embedding of 2x2 patches), FLUX any size that is a multiple of 2 (16x16 keeps it fast).
+embedding of 2x2 patches), FLUX any size that is a multiple of 2 (16x16 keeps it fast). The tiny Qwen-Image VAE
+halves the image size (the real one divides it by 8), so its images are multiples of 4 (16x16: 16 tokens).
 
-In Python, :func:`sd3_pipeline` and :func:`flux_pipeline` return the pipelines in memory and :func:`save_tiny` writes
-a folder. The same seed gives the same weights.
+In Python, :func:`sd3_pipeline`, :func:`flux_pipeline` and :func:`qwenimage_pipeline` return the pipelines in memory
+and :func:`save_tiny` writes a folder. The same seed gives the same weights.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ import torch
 if TYPE_CHECKING:
     import diffusers
 
-__all__ = ["KINDS", "sd3_pipeline", "flux_pipeline", "save_tiny"]
+__all__ = ["KINDS", "sd3_pipeline", "flux_pipeline", "qwenimage_pipeline", "save_tiny"]
 
-KINDS = ("sd3", "flux", "clip")
+KINDS = ("sd3", "flux", "qwenimage", "clip")
 
 LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
 
@@ -168,6 +169,105 @@ def flux_pipeline(workdir, seed: int = 0) -> diffusers.FluxPipeline:
     ))  # fmt: skip
 
 
+#: ``QwenImagePipeline.prompt_template_encode`` (diffusers 0.42): the chat template around every prompt. The pipeline
+#: drops its first ``prompt_template_encode_start_idx`` = 34 tokens: the template's text before the prompt (system
+#: prompt and user turn opening) as Qwen's tokenizer splits it.
+QWEN_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+#: Qwen-Image's scheduler config (Qwen/Qwen-Image ``scheduler/scheduler_config.json``), the tiny pipeline's too
+QWEN_SCHEDULER = {
+    "base_image_seq_len": 256, "base_shift": 0.5, "invert_sigmas": False, "max_image_seq_len": 8192,
+    "max_shift": 0.9, "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": 0.02,
+    "stochastic_sampling": False, "time_shift_type": "exponential", "use_beta_sigmas": False,
+    "use_dynamic_shifting": True, "use_exponential_sigmas": False, "use_karras_sigmas": False,
+}  # fmt: skip
+
+
+def qwen_tokenizer(root):
+    """A Qwen2 byte-level BPE tokenizer: the 256 byte symbols (any text), whole-word tokens built by merges for the
+    words of :data:`QWEN_TEMPLATE` (so that its text before the prompt is 34 tokens, as with Qwen's own vocabulary,
+    and the pipeline's drop of 34 tokens leaves exactly the prompt and the template's end), and Qwen's special
+    tokens.
+    ``vocab.json`` and ``merges.txt`` are written under ``root``. Returns ``(tokenizer, vocab_size)``."""
+    transformers = _transformers()
+    from tokenizers import AddedToken, Regex, pre_tokenizers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    split = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = []
+    pieces = [QWEN_TEMPLATE.format("")]
+    for special in QWEN_SPECIAL:  # the text between the special tokens, pre-tokenized as the tokenizer will
+        pieces = [part for piece in pieces for part in piece.split(special)]
+    words = [word for piece in pieces for word, _ in split.pre_tokenize_str(piece)]
+    for word in words:
+        for i in range(1, len(word)):  # word[:i] + word[i] -> word[:i + 1]: the word becomes one token
+            if word[: i + 1] not in vocab:
+                merges.append((word[:i], word[i]))
+                vocab[word[: i + 1]] = len(vocab)
+    for special in QWEN_SPECIAL:
+        vocab[special] = len(vocab)
+    os.makedirs(root, exist_ok=True)
+    vocab_file, merges_file = os.path.join(root, "vocab.json"), os.path.join(root, "merges.txt")
+    with open(vocab_file, "w") as fh:
+        json.dump(vocab, fh)
+    with open(merges_file, "w") as fh:
+        fh.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tok = transformers.Qwen2Tokenizer(vocab_file, merges_file, unk_token="<|endoftext|>", eos_token="<|im_end|>",
+                                      pad_token="<|endoftext|>", model_max_length=32768)  # fmt: skip
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL], special_tokens=True)
+    return tok, len(vocab)
+
+
+def qwen_text_encoder(vocab, tokenizer, hidden=16):
+    """A one-layer Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``, Qwen-Image's text encoder) of width
+    ``hidden`` (the transformer's ``joint_attention_dim``), with multimodal RoPE sections and a one-block vision
+    tower that text prompts never run; its image and video token ids lie outside the tiny vocabulary."""
+    transformers = _transformers()
+    ids = tokenizer.convert_tokens_to_ids
+    text = {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 2048,
+            "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}, "rope_theta": 1000000.0,
+            "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": ids("<|endoftext|>")}  # fmt: skip
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": hidden,
+              "fullatt_block_indexes": [0], "patch_size": 2, "temporal_patch_size": 2}  # fmt: skip
+    cfg = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=vocab + 3,
+                                        video_token_id=vocab + 4, vision_start_token_id=vocab + 1,
+                                        vision_end_token_id=vocab + 2)  # fmt: skip
+    return transformers.Qwen2_5_VLForConditionalGeneration(cfg)
+
+
+def qwenimage_pipeline(workdir, seed: int = 0) -> diffusers.QwenImagePipeline:
+    """A random-weight Qwen-Image pipeline: a one-layer ``QwenImageTransformer2DModel`` (4 latent channels, 2x2
+    patches), a two-level ``AutoencoderKLQwenImage`` (2x spatial downsampling, non-trivial ``latents_mean`` and
+    ``latents_std``), a one-layer Qwen2.5-VL text encoder with the tokenizer of :func:`qwen_tokenizer` (its files
+    written under ``workdir``) and Qwen-Image's scheduler config (:data:`QWEN_SCHEDULER`). The global torch RNG is
+    left as it was."""
+    import diffusers
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tok, n = qwen_tokenizer(workdir)
+        text_encoder = qwen_text_encoder(n, tok, hidden=16)
+        transformer = diffusers.QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4,
+                                                            num_layers=1, attention_head_dim=16,
+                                                            num_attention_heads=2, joint_attention_dim=16,
+                                                            axes_dims_rope=(8, 4, 4))  # fmt: skip
+        vae = diffusers.AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1,
+                                               temperal_downsample=[False], latents_mean=[0.1, -0.2, 0.3, -0.4],
+                                               latents_std=[1.5, 0.8, 1.2, 2.0])  # fmt: skip
+    return _eval(diffusers.QwenImagePipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), vae=vae, text_encoder=text_encoder,
+        tokenizer=tok, transformer=transformer,
+    ))  # fmt: skip
+
+
 def _save_clip(folder: str, workdir: str, seed: int) -> None:
     """A random-weight transformers CLIPModel (32x32 images in 8x8 patches, 16-d embeddings) and its processor."""
     transformers = _transformers()
@@ -190,9 +290,9 @@ def _save_clip(folder: str, workdir: str, seed: int) -> None:
 
 def save_tiny(kind: str, folder: str, seed: int = 0) -> str:
     """Write a tiny random-weight model of ``kind`` (one of :data:`KINDS`) to ``folder``, which is created and must
-    not exist or be empty. ``"sd3"`` (with T5, as SD3.5) and ``"flux"``: a diffusers pipeline folder (load it with
-    ``tempflow.models.load_model(folder, ...)``); ``"clip"``: a transformers CLIPModel + CLIPProcessor folder (for
-    ``PickScore(folder)`` or ``Aesthetic(folder, head)``). Returns ``folder``."""
+    not exist or be empty. ``"sd3"`` (with T5, as SD3.5), ``"flux"`` and ``"qwenimage"``: a diffusers pipeline
+    folder (load it with ``tempflow.models.load_model(folder, ...)``); ``"clip"``: a transformers CLIPModel +
+    CLIPProcessor folder (for ``PickScore(folder)`` or ``Aesthetic(folder, head)``). Returns ``folder``."""
     if kind not in KINDS:
         raise ValueError(f"unknown tiny model kind {kind!r}: choose one of {', '.join(KINDS)}")
     folder = os.fspath(folder)
@@ -205,8 +305,8 @@ def save_tiny(kind: str, folder: str, seed: int = 0) -> str:
             if kind == "clip":
                 _save_clip(folder, workdir, seed)
             else:
-                pipe = sd3_pipeline(workdir, seed=seed) if kind == "sd3" else flux_pipeline(workdir, seed=seed)
-                pipe.save_pretrained(folder)
+                build = {"sd3": sd3_pipeline, "flux": flux_pipeline, "qwenimage": qwenimage_pipeline}[kind]
+                build(workdir, seed=seed).save_pretrained(folder)
     except BaseException:  # leave no half-written model behind (the folder was new or empty)
         shutil.rmtree(folder, ignore_errors=True)
         if not created:
