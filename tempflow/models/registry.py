@@ -7,7 +7,9 @@ and nothing else in tempflow changes (the engine and the trainer see only the Fl
 Every family takes the same loading options: ``device``, ``dtype`` (the denoiser's and text encoders' weights:
 fp32 | bf16 | fp16; trainable LoRA weights are made fp32 by the trainer), ``height`` / ``width`` (None: the
 model's own default size), ``attention`` (sdpa | xformers | flash) and ``max_sequence_length`` (T5 tokens;
-Qwen-Image: the most prompt tokens kept; families without either ignore it).
+Qwen-Image: the most prompt tokens kept; Wan: the UMT5 length prompts are zero-padded to, 512 as Wan is used;
+families without either ignore it). A family's own options go through as keyword arguments (Wan: ``num_frames``,
+``negative_prompt``, ``flow_shift``).
 """
 
 from __future__ import annotations
@@ -69,6 +71,12 @@ def _load_qwenimage(path, **options):
     return QwenImageModel.from_pretrained(path, **options)
 
 
+def _load_wan(path, **options):
+    from .wan import WanModel
+
+    return WanModel.from_pretrained(path, **options)
+
+
 def _has_transformer(name: str, pipeline: str | None = None) -> Callable[[dict], bool]:
     """The folder's transformer class is ``name`` (and, if given, its pipeline class ``pipeline``)."""
     return lambda index: _transformer_class(index) == name and pipeline in (None, index.get("_class_name"))
@@ -79,6 +87,9 @@ register_family("flux", "FLUX.1 (FluxTransformer2DModel)", _has_transformer("Flu
 # Qwen-Image-Edit shares the transformer class but not the pipeline (its prompts take an image): not this adapter
 register_family("qwenimage", "Qwen-Image (QwenImagePipeline, QwenImageTransformer2DModel)",
                 _has_transformer("QwenImageTransformer2DModel", "QwenImagePipeline"), _load_qwenimage)  # fmt: skip
+# Wan's image-to-video and video-to-video pipelines share the transformer class: only WanPipeline is text-to-video
+register_family("wan", "Wan 2.1 text-to-video (WanPipeline, WanTransformer3DModel)",
+                _has_transformer("WanTransformer3DModel", "WanPipeline"), _load_wan)  # fmt: skip
 
 
 def _read_index(path: str) -> dict:
