@@ -641,3 +641,27 @@ def test_wan_folder_round_trip(tmp_path):
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="WanImageToVideoPipeline with transformer WanTransformer3DModel"):
         load_model(str(folder))
+
+
+def test_wan_sample_command_writes_a_gif_per_video(tmp_path, capsys):
+    """`tempflow sample` on a Wan folder: the PNG grid of filmstrips and one animated GIF per sample, with the frames
+    decode() gives (num_frames from model_args)."""
+    from PIL import Image
+
+    from tempflow import cli
+    from tempflow.models.tiny import save_tiny
+
+    folder = save_tiny("wan", str(tmp_path / "wan"))
+    out = tmp_path / "clips.png"
+    args = ["sample", "a cat", "a dog", "--per-prompt", "2", "--steps", "2", "--model", folder, "--size", "16",
+            "--set", "model_args={num_frames: 9, negative_prompt: blurry}", "--set", "max_sequence_length=16",
+            "--out", str(out), "--scale", "1", "--fps", "10"]  # fmt: skip
+    assert cli.main(args) == 0
+    said = capsys.readouterr().out
+    assert "4 samples" in said and "4 videos (9 frames, 10 fps)" in said
+    assert Image.open(out).size == (2 + 2 * (8 * 16 + 2), 2 + 2 * (16 + 2))  # 8 of the 9 frames side by side
+    for i in range(4):
+        gif = Image.open(tmp_path / f"clips-{i:03d}.gif")
+        assert gif.n_frames == 9 and gif.size == (16, 16) and gif.info["duration"] == 100 and gif.info["loop"] == 0
+    assert cli.main([*args[:-6], "--set", "model_args={num_frames: 8}", "--out", str(out)]) == 2
+    assert "num_frames must be k * 4 + 1" in capsys.readouterr().err
