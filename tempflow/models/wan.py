@@ -96,6 +96,12 @@ class WanModel(_DiffusersModel):
         set_attention(transformer, attention)
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The denoiser's compute dtype: its patch embedding's (Wan keeps ``scale_shift_table``, the time embedder
+        and the norms in fp32 when loaded in bf16, so the first parameter does not tell)."""
+        return self.transformer.patch_embedding.weight.dtype
+
+    @property
     def noise_dtype(self) -> torch.dtype:
         """``WanPipeline.prepare_latents`` draws its noise in fp32 whatever the weights' dtype."""
         return torch.float32
