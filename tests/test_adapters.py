@@ -600,6 +600,16 @@ def test_wan_precomputed_embeddings_lora_targets_and_clear_errors(wan, tmp_path)
                                           num_layers=1, image_dim=8, added_kv_proj_dim=24)  # fmt: skip
     with pytest.raises(ValueError, match="image-to-video model"):
         WanModel(i2v, pipe.vae, pipeline=pipe)
+    import importlib.util
+
+    for attention, package in (("xformers", "xformers"), ("flash", "flash_attn")):
+        if importlib.util.find_spec(package) is None:
+            with pytest.raises(ImportError, match=f"attention='{attention}' needs {package}"):
+                WanModel.from_pipeline(pipe, height=16, width=16, num_frames=5, attention=attention)
+    pipe.register_to_config(expand_timesteps=True)
+    with pytest.raises(ValueError, match=r"expand_timesteps \(Wan 2.2 TI2V"):
+        WanModel.from_pipeline(pipe, height=16, width=16, num_frames=5)
+    pipe.register_to_config(expand_timesteps=False)
     pipe.register_to_config(boundary_ratio=0.875)
     with pytest.raises(ValueError, match="Wan 2.2 two-expert pipeline"):
         WanModel.from_pipeline(pipe, height=16, width=16, num_frames=5)

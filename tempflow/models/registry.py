@@ -137,6 +137,9 @@ def load_model(spec: str = "digits", device="cpu", dtype="fp32", height: int | N
     if spec == "digits":
         from .digits import DigitsModel
 
+        if kwargs:
+            raise TypeError(f"the digits model takes no options {sorted(kwargs)} (model_args are a diffusers "
+                            "family's own loading options, e.g. Wan's num_frames)")  # fmt: skip
         return DigitsModel.load(device=device, dtype=dtype, height=height, width=width, attention=attention)
     family = detect_family(spec)
     return family.load(spec, device=device, torch_dtype=dtype, height=height, width=width, attention=attention,

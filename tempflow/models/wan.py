@@ -10,8 +10,13 @@ Conventions (what :class:`WanModel` reproduces of ``WanPipeline``, diffusers 0.4
   of the conditioning: Wan is used with 512, the pipeline's default and this adapter's);
 * the unconditional half is the negative prompt (``negative_prompt``, "" by default as in the pipeline), and
   classifier-free guidance ``v_u + g (v_c - v_u)`` (5.0 by default, the pipeline's ``guidance_scale``) runs as one
-  batched forward of both halves (the pipeline runs two forwards);
-* the transformer's timestep is ``1000 t``;
+  batched forward of both halves (the pipeline runs two forwards); guidance 1 skips the unconditional half, and below
+  1 the formula still applies, where the pipeline would turn guidance off;
+* the transformer's timestep is ``1000 t`` (fp32). With Wan's UniPC scheduler the pipeline passes that scheduler's
+  int64 timesteps, ``1000 t`` truncated, so at the grid's times the timestep embedding's input differs from the
+  pipeline's by less than 1 (of 1000); with a FlowMatchEulerDiscreteScheduler it is the pipeline's own;
+* sampling is tempflow's (Euler ODE / SDE steps on the grid), not UniPC's multistep predictor-corrector: the same
+  times, not the same solver;
 * the time grid is the static flow shift of the scheduler Wan ships (``UniPCMultistepScheduler`` with
   ``use_flow_sigmas`` and ``flow_shift``: :func:`tempflow.sde.wan_time_grid`); a pipeline carrying a
   ``FlowMatchEulerDiscreteScheduler`` gets that scheduler's grid. ``flow_shift`` overrides the scheduler's shift
