@@ -572,6 +572,31 @@ def test_wan_sampling_and_decoding_are_the_pipelines(wan):
     torch.testing.assert_close(model.decode(latents), official, rtol=0, atol=0)  # decode alone: the same bits
 
 
+def test_wan_rollout_branches_videos_from_the_pipelines_latents(wan):
+    """The tree rollout on 5-D video latents: it starts from prepare_latents' draws, forwards CFG pairs within
+    max_batch rows, and scores videos (B, F, C, H, W) with a video reward."""
+    from tempflow.rewards import TemporalConsistency
+    from tempflow.rollout import BranchPlan, RolloutConfig, rollout
+
+    pipe, model = wan
+    rows, seen = [], []
+    model.forward_velocity = _counting(model.forward_velocity, rows)
+    consistency = TemporalConsistency()
+
+    def reward(videos, prompts, metadata):
+        seen.append(tuple(videos.shape))
+        return consistency(videos, prompts, metadata)
+
+    cfg = RolloutConfig(plan=BranchPlan.tempflow(3, 2), seeds_per_prompt=2, guidance=5.0, max_batch=5)
+    stats = {}
+    batch = rollout(model, ["a cat", "a dog"], reward, cfg, generator=torch.Generator().manual_seed(9), stats=stats)
+    start = pipe.prepare_latents(4, 4, 16, 16, 5, torch.float32, "cpu", torch.Generator().manual_seed(9))
+    assert torch.equal(batch.state[(batch.step == 0) & (batch.branch == 0)], start)
+    assert max(rows) == stats["largest_batch"] == 4  # two CFG pairs in 5 rows
+    assert seen and all(s[1:] == (5, 3, 16, 16) for s in seen) and batch.images.shape[1:] == (5, 3, 16, 16)
+    assert torch.isfinite(batch.reward).all() and ((batch.reward >= 0) & (batch.reward <= 1)).all()
+
+
 def test_wan_precomputed_embeddings_lora_targets_and_clear_errors(wan, tmp_path):
     pipe, model = wan
     embeddings = {p: pipe.encode_prompt([p], do_classifier_free_guidance=False, max_sequence_length=16)[0][0]
