@@ -616,6 +616,8 @@ def test_wan_precomputed_embeddings_lora_targets_and_clear_errors(wan, tmp_path)
         WanModel(pipe.transformer, pipe.vae, embeddings=embeddings, height=16, width=16, num_frames=5).encode([""])
     with pytest.raises(ValueError, match=r"num_frames must be k \* 4 \+ 1 .* e.g. 5 or 9"):
         WanModel.from_pipeline(pipe, height=16, width=16, num_frames=7)
+    with pytest.raises(ValueError, match=r"flow_shift must be > 0 \(Wan: 3.0 at 480p"):
+        WanModel.from_pipeline(pipe, height=16, width=16, num_frames=5, flow_shift=0)
     with pytest.raises(ValueError, match="multiples of 8"):
         WanModel.from_pipeline(pipe, height=20, width=16, num_frames=5)
     with pytest.raises(TypeError, match="drives a WanTransformer3DModel, got QwenImage"):

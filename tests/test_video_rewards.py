@@ -75,3 +75,26 @@ def test_images_and_videos_are_refused_where_they_do_not_fit():
         FrameReward(brightness, [])
     with pytest.raises(ValueError, match="3 prompts for 2 images"):
         TemporalConsistency()(videos, ["a", "b", "c"])
+
+
+def test_videos_in_grids_and_gifs(tmp_path):
+    """Grids draw videos as filmstrips of up to 8 evenly spaced frames; a GIF holds every frame."""
+    from PIL import Image
+
+    from tempflow.train.plots import filmstrip, save_gif, save_grid
+
+    videos = video_of([[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]] * 2, size=2)
+    strip = filmstrip(videos)
+    assert strip.shape == (2, 3, 2, 16)
+    torch.testing.assert_close(strip[0, 0, 0, ::2], torch.tensor([0.0, 0.1, 0.3, 0.4, 0.6, 0.7, 0.9, 1.0]))
+    assert torch.equal(filmstrip(videos[:, :3]), torch.cat([videos[:, 0], videos[:, 1], videos[:, 2]], dim=-1))
+    assert torch.equal(filmstrip(videos[:, :1]), videos[:, 0])
+    save_grid(videos, 2, str(tmp_path / "grid.png"), scale=1, pad=1)
+    assert Image.open(tmp_path / "grid.png").size == (1 + 2 * 17, 1 + 3)
+    save_gif(videos[0], str(tmp_path / "v.gif"), fps=20, scale=2)
+    gif = Image.open(tmp_path / "v.gif")
+    assert gif.n_frames == 11 and gif.size == (4, 4) and gif.info["duration"] == 50
+    gif.seek(10)
+    assert gif.convert("RGB").getpixel((0, 0)) == (255, 255, 255)
+    with pytest.raises(ValueError, match=r"a video must be \(F, C, H, W\)"):
+        save_gif(videos, str(tmp_path / "bad.gif"))

@@ -75,6 +75,8 @@ class WanModel(_DiffusersModel):
                              f"{self.temporal_scale} frames into one after the first), got {num_frames}; e.g. "
                              f"{k * self.temporal_scale + 1} or {(k + 1) * self.temporal_scale + 1}")  # fmt: skip
         self.num_frames = num_frames
+        if flow_shift is not None and not float(flow_shift) > 0:
+            raise ValueError(f"flow_shift must be > 0 (Wan: 3.0 at 480p, 5.0 at 720p), got {flow_shift}")
         self.negative_prompt = str(negative_prompt)
         c = transformer.config.in_channels
         frames = (num_frames - 1) // self.temporal_scale + 1
@@ -213,7 +215,11 @@ def _schedule(scheduler, flow_shift, height: int, width: int) -> dict:
     5.0 at 720p and above, 3.0 below (the pipeline's docs)."""
     if scheduler is None:
         default = 5.0 if height * width >= 720 * 1280 else 3.0
-        return {"kind": "unipc", "shift": float(flow_shift or default), "num_train_timesteps": 1000}
+        return {
+            "kind": "unipc",
+            "shift": float(default if flow_shift is None else flow_shift),
+            "num_train_timesteps": 1000,
+        }
     cfg = scheduler.config
     name = type(scheduler).__name__
     bad = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_dynamic_shifting",
@@ -236,5 +242,8 @@ def _schedule(scheduler, flow_shift, height: int, width: int) -> dict:
     if bad:
         raise ValueError(f"the scheduler config sets {', '.join(bad)}, which tempflow's Wan grid does not follow (it "
                          "has the static flow shift of Wan's published config); use that scheduler config")  # fmt: skip
-    return {"kind": kind, "shift": float(flow_shift or shift), "num_train_timesteps": _get(cfg, "num_train_timesteps",
-                                                                                         1000)}  # fmt: skip
+    return {
+        "kind": kind,
+        "shift": float(shift if flow_shift is None else flow_shift),
+        "num_train_timesteps": _get(cfg, "num_train_timesteps", 1000),
+    }
