@@ -92,7 +92,7 @@ def test_shift_terminal_bad_input():
 @pytest.mark.parametrize("steps", [1, 2, 10, 28, 50])
 @pytest.mark.parametrize("flow_shift", [1.0, 3.0, 5.0])
 def test_wan_grids_are_the_shipped_unipc_schedulers(steps, flow_shift):
-    """Wan's scheduler (UniPCMultistepScheduler with flow sigmas, its published config): the same sigmas bit for
+    """Wan's scheduler (UniPCMultistepScheduler with flow sigmas and a static flow_shift): the same sigmas bit for
     bit, and timesteps 1000 t where the scheduler truncates to integers; not FlowMatchEuler's spacing."""
     s = diffusers.UniPCMultistepScheduler(
         use_flow_sigmas=True, flow_shift=flow_shift, prediction_type="flow_prediction"

@@ -271,8 +271,10 @@ def qwenimage_pipeline(workdir, seed: int = 0) -> diffusers.QwenImagePipeline:
     ))  # fmt: skip
 
 
-#: Wan 2.1 T2V's scheduler config (Wan-AI/Wan2.1-T2V-14B-Diffusers ``scheduler/scheduler_config.json``: UniPC with
-#: flow sigmas and flow_shift 5.0; the 1.3B model's has 3.0), the tiny pipeline's too
+#: The tiny Wan pipeline's scheduler config: the form of Wan's published diffusers scheduler configs
+#: (``UniPCMultistepScheduler``, flow sigmas, flow prediction, UniPC's bh2 solver of order 2) with ``flow_shift`` 5.0,
+#: the pipeline docs' value for 720p (3.0 for 480p). Which shift each published Wan folder ships was not checked
+#: offline: WanModel reads it from the folder's own scheduler config (or takes ``flow_shift``).
 WAN_SCHEDULER = {
     "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001, "disable_corrector": [],
     "dynamic_thresholding_ratio": 0.995, "final_sigmas_type": "zero", "flow_shift": 5.0, "lower_order_final": True,
@@ -296,7 +298,7 @@ def wan_pipeline(workdir, seed: int = 0) -> diffusers.WanPipeline:
     """A random-weight Wan 2.1 text-to-video pipeline: a one-layer ``WanTransformer3DModel`` (4 latent channels,
     1x2x2 patches), an ``AutoencoderKLWan`` with Wan's temporal factor 4 (two temporal downsamplings) but spatial
     factor 4 (the real one: 8), non-trivial ``latents_mean`` / ``latents_std``, a one-layer UMT5 encoder with the T5
-    tokenizer of :func:`t5_tokenizer` (Wan's is a T5 tokenizer too) and Wan's scheduler config
+    tokenizer of :func:`t5_tokenizer` (Wan's is a T5 tokenizer too) and the form of Wan's scheduler config
     (:data:`WAN_SCHEDULER`). ``workdir`` is unused (the signature of the other builders). The global torch RNG is left
     as it was."""
     import diffusers

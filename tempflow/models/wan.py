@@ -241,7 +241,8 @@ def _schedule(scheduler, flow_shift, height: int, width: int) -> dict:
                          "sigmas) or a FlowMatchEulerDiscreteScheduler")  # fmt: skip
     if bad:
         raise ValueError(f"the scheduler config sets {', '.join(bad)}, which tempflow's Wan grid does not follow (it "
-                         "has the static flow shift of Wan's published config); use that scheduler config")  # fmt: skip
+                         "follows UniPC flow sigmas with a static flow_shift, as Wan ships); use such a scheduler "
+                         "config")  # fmt: skip
     return {
         "kind": kind,
         "shift": float(shift if flow_shift is None else flow_shift),
