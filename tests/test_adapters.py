@@ -666,6 +666,11 @@ def test_wan_folder_round_trip(tmp_path):
     loaded = load_model(str(folder), height=16, width=16, dtype="fp32", num_frames=5, max_sequence_length=16)
     assert isinstance(loaded, WanModel) and type(loaded.pipeline.scheduler).__name__ == "UniPCMultistepScheduler"
     assert loaded.shift == 5.0 and loaded.latent_shape == (4, 2, 4, 4)
+    # the settings' default max_sequence_length (0: the model's own) gives Wan its 512 UMT5 tokens, SD3 and co 128
+    from tempflow.train.config import TrainConfig
+
+    options = {**TrainConfig(device="cpu", height=16, width=16).model_options(), "num_frames": 5}
+    assert load_model(str(folder), **options).max_sequence_length == 512
     fresh = WanModel.from_pipeline(wan_pipeline(tmp_path / "work"), height=16, width=16, num_frames=5,
                                    max_sequence_length=16)  # fmt: skip
     x = fresh.initial_latents(2, torch.Generator().manual_seed(2))

@@ -71,7 +71,8 @@ def test_derived_settings():
     assert (r.seeds_per_prompt, r.guidance, r.noise_level, r.max_batch, r.seed) == (3, 4.5, 0.9, 7, 5)
     assert r.plan.mode == "trajectory" and r.plan.sde_steps == tuple(range(9))
     opts = TrainConfig(resolution=512, height=768, dtype="bf16", device="cpu").model_options()
-    assert opts == dict(device="cpu", dtype="bf16", height=768, width=512, attention="sdpa", max_sequence_length=128)
+    assert opts == dict(device="cpu", dtype="bf16", height=768, width=512, attention="sdpa", max_sequence_length=None)
+    assert TrainConfig(max_sequence_length=77).model_options()["max_sequence_length"] == 77
 
 
 def test_model_args_reach_the_loader_and_cannot_shadow_settings():

@@ -126,9 +126,10 @@ def detect_family(path: str) -> Family:
 
 
 def load_model(spec: str = "digits", device="cpu", dtype="fp32", height: int | None = None, width: int | None = None,
-               attention: str = "sdpa", max_sequence_length: int = 128, **kwargs) -> FlowModel:  # fmt: skip
+               attention: str = "sdpa", max_sequence_length: int | None = None, **kwargs) -> FlowModel:  # fmt: skip
     """``"digits"`` (the embedded default) or a local diffusers folder of a registered family. ``dtype``: fp32 |
-    bf16 | fp16 or a torch dtype; other keyword arguments go to the family's loader."""
+    bf16 | fp16 or a torch dtype; ``max_sequence_length`` None: the family's own (128 for SD3, FLUX and Qwen-Image,
+    512 for Wan); other keyword arguments go to the family's loader."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -142,5 +143,7 @@ def load_model(spec: str = "digits", device="cpu", dtype="fp32", height: int | N
                             "family's own loading options, e.g. Wan's num_frames)")  # fmt: skip
         return DigitsModel.load(device=device, dtype=dtype, height=height, width=width, attention=attention)
     family = detect_family(spec)
+    if max_sequence_length is not None:
+        kwargs["max_sequence_length"] = max_sequence_length
     return family.load(spec, device=device, torch_dtype=dtype, height=height, width=width, attention=attention,
-                       max_sequence_length=max_sequence_length, **kwargs)  # fmt: skip
+                       **kwargs)  # fmt: skip

@@ -152,7 +152,9 @@ class TrainConfig:
     dtype: str = _f("fp32", "weights of the denoiser and text encoders: fp32 | bf16 | fp16 (LoRA weights and all loss "
                     "maths stay fp32; the VAE decodes in fp32)")  # fmt: skip
     attention: str = _f("sdpa", "attention kernels of the transformer: sdpa | xformers | flash")
-    max_sequence_length: int = _f(128, "T5 prompt tokens (SD3, FLUX; Flow-GRPO and TempFlow-GRPO use 128)")
+    max_sequence_length: int = _f(0, "text tokens: T5's (SD3, FLUX), the most kept (Qwen-Image), UMT5's padded length "
+                                  "(Wan); 0: the model's own, 128 as Flow-GRPO and TempFlow-GRPO for SD3, FLUX and "
+                                  "Qwen-Image, 512 for Wan (whose transformer sees the padding)")  # fmt: skip
     device: str = _f("auto", "auto (this rank's GPU if there is one, else cpu) | cpu | cuda | cuda:N")
     model_args: dict = _f({}, "the model family's own loading options, e.g. Wan: {num_frames: 33, negative_prompt: "
                           "'...', flow_shift: 3.0}", _mapping)  # fmt: skip
@@ -260,7 +262,7 @@ class TrainConfig:
                                    f"{', '.join(map(str, allowed))}")  # fmt: skip
         at_least = {"steps": 1, "branches": 1, "seeds_per_prompt": 1, "prompts_per_iteration": 1, "iterations": 1,
                     "states_per_step": 1, "max_batch": 2, "checkpoint_every": 1, "eval_steps": 1,
-                    "eval_per_prompt": 1, "max_sequence_length": 1, "eval_every": 0,
+                    "eval_per_prompt": 1, "max_sequence_length": 0, "eval_every": 0,
                     "skip_window": 1, "skip_probe": 0, "resolution": 0, "height": 0,
                     "width": 0, "lora_rank": 0, "seed": 0, "eval_seed": 0}  # fmt: skip
         for name, low in at_least.items():
@@ -379,7 +381,7 @@ class TrainConfig:
         """What :func:`tempflow.models.load_model` takes besides the model."""
         return dict(device=self.resolved_device(), dtype=self.dtype, height=self.height or self.resolution or None,
                     width=self.width or self.resolution or None, attention=self.attention,
-                    max_sequence_length=self.max_sequence_length, **self.model_args)  # fmt: skip
+                    max_sequence_length=self.max_sequence_length or None, **self.model_args)  # fmt: skip
 
     def to_dict(self) -> dict:
         return asdict(self)
