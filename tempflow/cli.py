@@ -5,7 +5,7 @@ tempflow train         TempFlow-GRPO / Flow-GRPO: the embedded default with no a
 tempflow eval          held-out rewards of a run's base, final and EMA weights side by side
 tempflow sample        a PNG grid of samples of a model or a run
 tempflow serve-reward  serve a reward over HTTP (loopback by default) to trainers in other processes or machines
-tempflow tiny-model    write a tiny random-weight SD3 / FLUX / Qwen-Image / CLIP folder to try the pipeline offline
+tempflow tiny-model    write a tiny random-weight SD3 / FLUX / Qwen-Image / Wan / CLIP folder to try offline
 tempflow pretrain      rebuild the embedded default's weights or its digit classifier
 tempflow demo          sample an analytic Gaussian-mixture flow with the ODE and each SDE schedule and check them
 tempflow doctor        what is installed and built, which backends serve which device, and why one is missing
@@ -220,11 +220,17 @@ def cmd_sample(args) -> int:
     latents = sample(model, prompts, steps=args.steps, guidance=guidance, seed=args.seed, batch=cfg.max_batch,
                      progress=True)  # fmt: skip
     images = model.decode(latents)
-    from .train.plots import save_grid
+    from .train.plots import save_gif, save_grid
 
     save_grid(images, args.per_prompt, args.out, scale=args.scale)
     seconds = time.perf_counter() - start
     print(f"{len(prompts)} samples (T={args.steps}, guidance {guidance}) in {seconds:.1f} s -> {args.out}")
+    if images.dim() == 5:  # videos (B, F, C, H, W): the grid shows filmstrips; each video also as an animated GIF
+        stem = os.path.splitext(args.out)[0]
+        for i, video in enumerate(images):
+            save_gif(video, f"{stem}-{i:03d}.gif", fps=args.fps, scale=args.scale)
+        print(f"{len(images)} videos ({images.shape[1]} frames, {args.fps:g} fps) -> {stem}-000.gif .. "
+              f"{stem}-{len(images) - 1:03d}.gif")  # fmt: skip
     return 0
 
 
@@ -391,9 +397,15 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--guidance", type=float, default=None, help="guidance (default: the run's, else the model's)")
     smp.add_argument("--seed", type=int, default=0, help="seed of the counter-based initial noise")
     smp.add_argument("--scale", type=int, default=4, help="pixel upscaling of the PNG (default 4)")
-    smp.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
-    smp.add_argument("--model", default=None, help="'digits' (default) or a local diffusers SD3/SD3.5/FLUX folder; "
-                     "with --run: the run's model (give this if its folder moved)")  # fmt: skip
+    smp.add_argument(
+        "--out",
+        default="samples.png",
+        help="output PNG (default samples.png); a video model also "
+        "writes OUT-000.gif, OUT-001.gif, ... (one animated GIF per sample, OUT without .png)",
+    )
+    smp.add_argument("--fps", type=float, default=16, help="frames per second of video GIFs (default 16, Wan's)")
+    smp.add_argument("--model", default=None, help="'digits' (default) or a local diffusers folder (SD3, FLUX, "
+                     "Qwen-Image, Wan); with --run: the run's model (give this if its folder moved)")  # fmt: skip
     smp.add_argument("--size", type=int, default=None, help="image size (default: the run's, else the model's)")
     smp.add_argument("--run", default=None, help="a tempflow train output folder: sample its trained weights")
     smp.add_argument("--ema", action="store_true", help="with --run: use the EMA weights")
@@ -446,10 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--quiet", action="store_true", help="no line per request")
     srv.set_defaults(func=cmd_serve_reward)
 
-    tiny = sub.add_parser("tiny-model", help="write a tiny random-weight SD3 / FLUX / Qwen-Image / CLIP folder "
-                          "(offline tries)")  # fmt: skip
-    tiny.add_argument("kind", choices=["sd3", "flux", "qwenimage", "clip"], help="sd3 | flux | qwenimage (diffusers "
-                      "pipelines) | clip (a CLIPModel folder, e.g. for pickscore)")  # fmt: skip
+    tiny = sub.add_parser("tiny-model", help="write a tiny random-weight SD3 / FLUX / Qwen-Image / Wan / CLIP "
+                          "folder (offline tries)")  # fmt: skip
+    tiny.add_argument("kind", choices=["sd3", "flux", "qwenimage", "wan", "clip"], help="sd3 | flux | qwenimage | wan "
+                      "(diffusers pipelines) | clip (a CLIPModel folder, e.g. for pickscore)")  # fmt: skip
     tiny.add_argument("folder", help="where to write it (must not exist or be empty)")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     tiny.set_defaults(func=cmd_tiny_model)

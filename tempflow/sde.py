@@ -51,6 +51,7 @@ __all__ = [
     "dpm2m_step",
     "data_prediction",
     "TimeGrid",
+    "wan_time_grid",
     "SDETable",
     "SDEStep",
     "time_grid",
@@ -229,6 +230,25 @@ def qwenimage_time_grid(num_steps: int, image_seq_len: int, device=None, **overr
     if unknown:
         raise TypeError(f"unknown qwenimage_time_grid settings {sorted(unknown)}; known: {', '.join(QWENIMAGE_SHIFT)}")
     return flux_time_grid(num_steps, image_seq_len, device=device, **{**QWENIMAGE_SHIFT, **overrides})
+
+
+def wan_time_grid(num_steps: int, flow_shift: float = 5.0, num_train_timesteps: int = 1000, device=None) -> TimeGrid:
+    """The grid of Wan's shipped scheduler, ``UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=...)`` after
+    ``set_timesteps(num_steps)``: ``s`` evenly spaced from 1 to ``1/num_train_timesteps`` over ``num_steps + 1``
+    points, the last dropped (not FlowMatchEulerDiscreteScheduler's spacing), shifted by
+    ``flow_shift s / (1 + (flow_shift - 1) s)``, the first lowered by 1e-6 (the scheduler avoids t = 1 exactly), then
+    0. ``timesteps`` are ``1000 t`` here; the scheduler truncates its own to integers (int64), which this grid does
+    not do (the sampling times, ``sigmas``, are the scheduler's bit for bit)."""
+    if int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    if not flow_shift > 0:
+        raise ValueError(f"flow_shift must be > 0, got {flow_shift}")
+    s = np.linspace(1, 1 / num_train_timesteps, int(num_steps) + 1)[:-1]
+    s = flow_shift * s / (1 + (flow_shift - 1) * s)
+    if np.fabs(s[0] - 1) < 1e-6:  # diffusers: avoids log(0) in UniPC's first update
+        s[0] -= 1e-6
+    t = torch.from_numpy(np.concatenate([s, [0]]).astype(np.float32)).to(device)
+    return TimeGrid(t, t[:-1] * num_train_timesteps)
 
 
 def grid_from_scheduler(scheduler, device=None) -> TimeGrid:

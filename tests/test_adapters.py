@@ -13,14 +13,15 @@ from tempflow import sde  # noqa: E402
 from tempflow.models import digits as dg  # noqa: E402
 from tempflow.models.diffusers_models import FluxModel, SD3Model, set_attention  # noqa: E402
 from tempflow.models.qwenimage import QwenImageModel  # noqa: E402
-from tempflow.models.tiny import flux_pipeline, qwenimage_pipeline, sd3_pipeline  # noqa: E402
+from tempflow.models.tiny import flux_pipeline, qwenimage_pipeline, sd3_pipeline, wan_pipeline  # noqa: E402
+from tempflow.models.wan import WanModel  # noqa: E402
 
 # each diffusers family: its tiny pipeline, adapter, a test size, and the rows one guided sample forwards
 FAMILIES = {"sd3": (sd3_pipeline, SD3Model, 32, 2), "flux": (flux_pipeline, FluxModel, 16, 1),
             "qwenimage": (qwenimage_pipeline, QwenImageModel, 16, 2)}  # fmt: skip
 
 
-@pytest.fixture(params=["sd3", "flux", "qwenimage", "digits"])
+@pytest.fixture(params=["sd3", "flux", "qwenimage", "wan", "digits"])
 def adapter(request, tmp_path):
     if request.param == "sd3":
         return SD3Model.from_pipeline(sd3_pipeline(tmp_path, t5=False), height=32, width=32)
@@ -28,6 +29,9 @@ def adapter(request, tmp_path):
         return FluxModel.from_pipeline(flux_pipeline(tmp_path), height=16, width=16, max_sequence_length=16)
     if request.param == "qwenimage":
         return QwenImageModel.from_pipeline(qwenimage_pipeline(tmp_path), height=16, width=16)
+    if request.param == "wan":  # 5 frames: 2 latent frames; 16 text tokens keep it fast
+        return WanModel.from_pipeline(wan_pipeline(tmp_path), height=16, width=16, num_frames=5,
+                                      max_sequence_length=16)  # fmt: skip
     torch.manual_seed(0)
     return dg.DigitsModel(dg.DigitsConfig(num_layers=1, attention_head_dim=8, num_attention_heads=2, text_dim=16))
 
@@ -63,7 +67,11 @@ def test_sampling_and_decoding_end_to_end(adapter):
         for k in range(4):
             x = sde.ode_step(x, adapter.velocity(x, grid.sigmas[k], cond, index), k, grid)
         images = adapter.decode(x)
-    assert images.dim() == 4 and images.shape[0] == 2 and images.shape[1] in (1, 3)
+    video = getattr(adapter, "num_frames", None)  # a video model decodes (B, F, C, H, W), an image model (B, C, H, W)
+    if video:
+        assert images.shape == (2, video, 3, adapter.height, adapter.width)
+    else:
+        assert images.dim() == 4 and images.shape[0] == 2 and images.shape[1] in (1, 3)
     assert images.min() >= 0 and images.max() <= 1
 
 
@@ -447,3 +455,255 @@ def test_qwenimage_folder_round_trip(tmp_path):
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="QwenImageEditPipeline with transformer QwenImageTransformer2DModel"):
         load_model(str(folder))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Wan 2.1 text-to-video: what the adapter must match of WanPipeline
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def wan(tmp_path):
+    pipe = wan_pipeline(tmp_path)
+    return pipe, WanModel.from_pipeline(pipe, height=16, width=16, num_frames=5, max_sequence_length=16)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10, 50])
+@pytest.mark.parametrize("flow_shift", [None, 3.0, 1.0])
+def test_wan_grid_is_the_shipped_schedulers(steps, flow_shift, wan):
+    """The grid's times are the sigmas of the scheduler Wan ships (UniPCMultistepScheduler with flow sigmas, its
+    config's flow_shift 5.0, or the flow_shift given, as the pipeline's docs set it with from_config), bit for bit;
+    its timesteps are 1000 t, which the scheduler truncates to integers."""
+    pipe, _ = wan
+    model = WanModel.from_pipeline(pipe, height=16, width=16, num_frames=5, flow_shift=flow_shift)
+    scheduler = diffusers.UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=flow_shift or 5.0)
+    scheduler.set_timesteps(steps)
+    grid = model.time_grid(steps)
+    assert pipe.scheduler.config.flow_shift == 5.0 and model.shift == (flow_shift or 5.0)
+    assert torch.equal(grid.sigmas, scheduler.sigmas)
+    assert (grid.timesteps - scheduler.timesteps).abs().max() < 1 and torch.equal(
+        grid.timesteps, grid.sigmas[:-1] * 1000
+    )
+    # a FlowMatchEulerDiscreteScheduler in the pipeline: its static-shift grid
+    pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    euler = WanModel.from_pipeline(pipe, height=16, width=16, num_frames=5)
+    pipe.scheduler.set_timesteps(steps)
+    assert torch.equal(euler.time_grid(steps).sigmas, pipe.scheduler.sigmas)
+
+
+def test_wan_grid_without_a_pipeline_follows_the_size():
+    """Without a scheduler: flow_shift 3.0 below 720p, 5.0 from 720p (1280 x 720), as the pipeline's docs say."""
+    from tempflow.models.wan import _schedule
+
+    assert _schedule(None, None, 480, 832)["shift"] == 3.0 and _schedule(None, None, 720, 1280)["shift"] == 5.0
+    assert _schedule(None, 7.0, 480, 832)["shift"] == 7.0
+    assert sde.wan_time_grid(3, 3.0).sigmas[0].item() == pytest.approx(1 - 1e-6)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_wan_cfg_velocity_is_the_pipelines_two_forwards(guidance, wan):
+    """One batched forward of the negative and conditional halves gives what WanPipeline computes with two forwards
+    (``noise_uncond + g (noise_pred - noise_uncond)``), prompts and the negative prompt from its encode_prompt."""
+    pipe, _ = wan
+    model = WanModel.from_pipeline(pipe, height=16, width=16, num_frames=5, max_sequence_length=16,
+                                   negative_prompt="blurry, static")  # fmt: skip
+    prompts = ["a cat", "Two DOGS, 7!", "a cat"]
+    x = model.initial_latents(3, torch.Generator().manual_seed(3))
+    t = torch.tensor([0.9, 0.5, 0.2])
+    with torch.no_grad():
+        ours = model.velocity(x, t, model.encode(prompts[:2]), torch.tensor([0, 1, 0]), guidance)
+        embeds, neg = pipe.encode_prompt(prompts, negative_prompt=["blurry, static"] * 3, device="cpu",
+                                         do_classifier_free_guidance=True, max_sequence_length=16)  # fmt: skip
+        assert embeds.shape == neg.shape == (3, 16, 16)  # zero-padded to max_sequence_length
+
+        def call(e):
+            return pipe.transformer(hidden_states=x, timestep=t * 1000, encoder_hidden_states=e, return_dict=False)[0]
+
+        noise_pred = call(embeds)
+        if guidance > 1:
+            noise_uncond = call(neg)
+            noise_pred = noise_uncond + guidance * (noise_pred - noise_uncond)
+    assert model.forward_rows(guidance) == (1 if guidance == 1 else 2)
+    torch.testing.assert_close(ours, noise_pred, rtol=1e-5, atol=1e-5)
+    if guidance > 1:  # the negative prompt is the unconditional half
+        plain = WanModel.from_pipeline(pipe, height=16, width=16, num_frames=5, max_sequence_length=16)
+        with torch.no_grad():
+            other = plain.velocity(x, t, plain.encode(prompts[:2]), torch.tensor([0, 1, 0]), guidance)
+        assert not torch.allclose(ours, other)
+
+
+def test_wan_sampling_and_decoding_are_the_pipelines(wan):
+    """WanPipeline.__call__ with a FlowMatchEulerDiscreteScheduler (an Euler ODE like tempflow's; Wan's UniPC is a
+    multistep solver) from the same latents gives the adapter's latents and videos; initial_latents are the pipeline's
+    prepare_latents draws, for one generator and a list."""
+    pipe, _ = wan
+    pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    model = WanModel.from_pipeline(pipe, height=16, width=16, num_frames=5, max_sequence_length=16)
+    prompts, steps, g = ["a cat", "Two DOGS, 7!"], 3, 4.0
+    official_start = pipe.prepare_latents(2, 4, 16, 16, 5, torch.float32, "cpu", torch.Generator().manual_seed(11))
+    start = model.initial_latents(2, torch.Generator().manual_seed(11))
+    assert start.dtype == torch.float32 and torch.equal(start, official_start)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2)]  # noqa: E731
+    assert torch.equal(model.initial_latents(2, gens()), pipe.prepare_latents(2, 4, 16, 16, 5, torch.float32, "cpu",
+                                                                               gens()))  # fmt: skip
+    grid = model.time_grid(steps)
+    cond = model.encode(prompts)
+    x = start
+    with torch.no_grad():
+        for k in range(steps):
+            x = sde.ode_step(x, model.velocity(x, grid.sigmas[k], cond, torch.arange(2), g), k, grid)
+        videos = model.decode(x)
+    kwargs = {
+        "prompt": prompts,
+        "negative_prompt": "",
+        "guidance_scale": g,
+        "height": 16,
+        "width": 16,
+        "num_frames": 5,
+        "num_inference_steps": steps,
+        "latents": start.clone(),
+        "max_sequence_length": 16,
+    }
+    latents = pipe(**kwargs, output_type="latent").frames
+    torch.testing.assert_close(x, latents, rtol=1e-4, atol=1e-5)
+    official = pipe(**kwargs, output_type="pt").frames
+    assert videos.shape == official.shape == (2, 5, 3, 16, 16)
+    torch.testing.assert_close(videos, official, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.decode(latents), official, rtol=0, atol=0)  # decode alone: the same bits
+
+
+def test_wan_rollout_branches_videos_from_the_pipelines_latents(wan):
+    """The tree rollout on 5-D video latents: it starts from prepare_latents' draws, forwards CFG pairs within
+    max_batch rows, and scores videos (B, F, C, H, W) with a video reward."""
+    from tempflow.rewards import TemporalConsistency
+    from tempflow.rollout import BranchPlan, RolloutConfig, rollout
+
+    pipe, model = wan
+    rows, seen = [], []
+    model.forward_velocity = _counting(model.forward_velocity, rows)
+    consistency = TemporalConsistency()
+
+    def reward(videos, prompts, metadata):
+        seen.append(tuple(videos.shape))
+        return consistency(videos, prompts, metadata)
+
+    cfg = RolloutConfig(plan=BranchPlan.tempflow(3, 2), seeds_per_prompt=2, guidance=5.0, max_batch=5)
+    stats = {}
+    batch = rollout(model, ["a cat", "a dog"], reward, cfg, generator=torch.Generator().manual_seed(9), stats=stats)
+    start = pipe.prepare_latents(4, 4, 16, 16, 5, torch.float32, "cpu", torch.Generator().manual_seed(9))
+    assert torch.equal(batch.state[(batch.step == 0) & (batch.branch == 0)], start)
+    assert max(rows) == stats["largest_batch"] == 4  # two CFG pairs in 5 rows
+    assert seen and all(s[1:] == (5, 3, 16, 16) for s in seen) and batch.images.shape[1:] == (5, 3, 16, 16)
+    assert torch.isfinite(batch.reward).all() and ((batch.reward >= 0) & (batch.reward <= 1)).all()
+
+
+def test_wan_precomputed_embeddings_lora_targets_and_clear_errors(wan, tmp_path):
+    pipe, model = wan
+    embeddings = {p: pipe.encode_prompt([p], do_classifier_free_guidance=False, max_sequence_length=16)[0][0]
+                  for p in ("a cat", "")}  # fmt: skip
+    pre = WanModel(pipe.transformer, pipe.vae, embeddings=embeddings, height=16, width=16, num_frames=5,
+                   max_sequence_length=16)  # fmt: skip
+    x = model.initial_latents(1, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a = pre.velocity(x, 0.5, pre.encode(["a cat"]), torch.zeros(1, dtype=torch.long))
+        b = model.velocity(x, 0.5, model.encode(["a cat"]), torch.zeros(1, dtype=torch.long))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert pre.shift == 3.0  # no scheduler, under 720p
+    with pytest.raises(KeyError, match="the negative prompt 'ugly'"):
+        WanModel(pipe.transformer, pipe.vae, embeddings=embeddings, height=16, width=16, num_frames=5,
+                 max_sequence_length=16, negative_prompt="ugly").encode(["a cat"])  # fmt: skip
+    with pytest.raises(ValueError, match="padded to max_sequence_length=512"):
+        WanModel(pipe.transformer, pipe.vae, embeddings=embeddings, height=16, width=16, num_frames=5).encode([""])
+    with pytest.raises(ValueError, match=r"num_frames must be k \* 4 \+ 1 .* e.g. 5 or 9"):
+        WanModel.from_pipeline(pipe, height=16, width=16, num_frames=7)
+    with pytest.raises(ValueError, match=r"flow_shift must be > 0 \(Wan: 3.0 at 480p"):
+        WanModel.from_pipeline(pipe, height=16, width=16, num_frames=5, flow_shift=0)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        WanModel.from_pipeline(pipe, height=20, width=16, num_frames=5)
+    with pytest.raises(TypeError, match="drives a WanTransformer3DModel, got QwenImage"):
+        WanModel(qwenimage_pipeline(tmp_path / "qwen").transformer, pipe.vae, pipeline=pipe)
+    i2v = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                          in_channels=8, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32,
+                                          num_layers=1, image_dim=8, added_kv_proj_dim=24)  # fmt: skip
+    with pytest.raises(ValueError, match="image-to-video model"):
+        WanModel(i2v, pipe.vae, pipeline=pipe)
+    import importlib.util
+
+    for attention, package in (("xformers", "xformers"), ("flash", "flash_attn")):
+        if importlib.util.find_spec(package) is None:
+            with pytest.raises(ImportError, match=f"attention='{attention}' needs {package}"):
+                WanModel.from_pipeline(pipe, height=16, width=16, num_frames=5, attention=attention)
+    pipe.register_to_config(expand_timesteps=True)
+    with pytest.raises(ValueError, match=r"expand_timesteps \(Wan 2.2 TI2V"):
+        WanModel.from_pipeline(pipe, height=16, width=16, num_frames=5)
+    pipe.register_to_config(expand_timesteps=False)
+    pipe.register_to_config(boundary_ratio=0.875)
+    with pytest.raises(ValueError, match="Wan 2.2 two-expert pipeline"):
+        WanModel.from_pipeline(pipe, height=16, width=16, num_frames=5)
+    pipe.register_to_config(boundary_ratio=None)
+    pipe.scheduler = diffusers.UniPCMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        WanModel.from_pipeline(pipe, height=16, width=16, num_frames=5)
+    pytest.importorskip("peft")
+    model.use_lora(rank=2, alpha=4)
+    names = {n.split(".lora")[0].split(".", 2)[-1] for n, p in model.transformer.named_parameters() if p.requires_grad}
+    assert names == {f"{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")}
+
+
+def test_wan_folder_round_trip(tmp_path):
+    """`tempflow tiny-model wan` writes a folder load_model recognises as Wan and loads as the pipeline it was saved
+    from (the scheduler config included); Wan's image-to-video pipeline (same transformer class) is refused."""
+    import json
+
+    from tempflow import cli
+    from tempflow.models import detect_family, load_model
+
+    folder = tmp_path / "wan"
+    assert cli.main(["tiny-model", "wan", str(folder)]) == 0
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "WanPipeline" and index["transformer"][1] == "WanTransformer3DModel"
+    assert detect_family(str(folder)).name == "wan"
+    loaded = load_model(str(folder), height=16, width=16, dtype="fp32", num_frames=5, max_sequence_length=16)
+    assert isinstance(loaded, WanModel) and type(loaded.pipeline.scheduler).__name__ == "UniPCMultistepScheduler"
+    assert loaded.shift == 5.0 and loaded.latent_shape == (4, 2, 4, 4)
+    # the settings' default max_sequence_length (0: the model's own) gives Wan its 512 UMT5 tokens, SD3 and co 128
+    from tempflow.train.config import TrainConfig
+
+    options = {**TrainConfig(device="cpu", height=16, width=16).model_options(), "num_frames": 5}
+    assert load_model(str(folder), **options).max_sequence_length == 512
+    fresh = WanModel.from_pipeline(wan_pipeline(tmp_path / "work"), height=16, width=16, num_frames=5,
+                                   max_sequence_length=16)  # fmt: skip
+    x = fresh.initial_latents(2, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a = loaded.velocity(x, 0.4, loaded.encode(["a cat", "a dog"]), torch.tensor([0, 1]))
+        b = fresh.velocity(x, 0.4, fresh.encode(["a cat", "a dog"]), torch.tensor([0, 1]))
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert loaded.decode(x).shape == (2, 5, 3, 16, 16)
+    index["_class_name"] = "WanImageToVideoPipeline"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="WanImageToVideoPipeline with transformer WanTransformer3DModel"):
+        load_model(str(folder))
+
+
+def test_wan_sample_command_writes_a_gif_per_video(tmp_path, capsys):
+    """`tempflow sample` on a Wan folder: the PNG grid of filmstrips and one animated GIF per sample, with the frames
+    decode() gives (num_frames from model_args)."""
+    from PIL import Image
+
+    from tempflow import cli
+    from tempflow.models.tiny import save_tiny
+
+    folder = save_tiny("wan", str(tmp_path / "wan"))
+    out = tmp_path / "clips.png"
+    args = ["sample", "a cat", "a dog", "--per-prompt", "2", "--steps", "2", "--model", folder, "--size", "16",
+            "--set", "model_args={num_frames: 9, negative_prompt: blurry}", "--set", "max_sequence_length=16",
+            "--out", str(out), "--scale", "1", "--fps", "10"]  # fmt: skip
+    assert cli.main(args) == 0
+    said = capsys.readouterr().out
+    assert "4 samples" in said and "4 videos (9 frames, 10 fps)" in said
+    assert Image.open(out).size == (2 + 2 * (8 * 16 + 2), 2 + 2 * (16 + 2))  # 8 of the 9 frames side by side
+    for i in range(4):
+        gif = Image.open(tmp_path / f"clips-{i:03d}.gif")
+        assert gif.n_frames == 9 and gif.size == (16, 16) and gif.info["duration"] == 100 and gif.info["loop"] == 0
+    assert cli.main([*args[:-6], "--set", "model_args={num_frames: 8}", "--out", str(out)]) == 2
+    assert "num_frames must be k * 4 + 1" in capsys.readouterr().err

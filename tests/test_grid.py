@@ -87,3 +87,21 @@ def test_shift_terminal_bad_input():
         sde.time_grid(4, shift_terminal=1.5)
     with pytest.raises(TypeError, match="unknown qwenimage_time_grid settings"):
         sde.qwenimage_time_grid(4, 4096, max_shfit=1.0)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10, 28, 50])
+@pytest.mark.parametrize("flow_shift", [1.0, 3.0, 5.0])
+def test_wan_grids_are_the_shipped_unipc_schedulers(steps, flow_shift):
+    """Wan's scheduler (UniPCMultistepScheduler with flow sigmas and a static flow_shift): the same sigmas bit for
+    bit, and timesteps 1000 t where the scheduler truncates to integers; not FlowMatchEuler's spacing."""
+    s = diffusers.UniPCMultistepScheduler(
+        use_flow_sigmas=True, flow_shift=flow_shift, prediction_type="flow_prediction"
+    )
+    s.set_timesteps(steps)
+    g = sde.wan_time_grid(steps, flow_shift)
+    assert torch.equal(g.sigmas, s.sigmas)
+    assert (g.timesteps - s.timesteps).abs().max() < 1 and g.timesteps.dtype == torch.float32
+    if steps > 1:
+        assert not torch.equal(g.sigmas, sde.time_grid(steps, shift=flow_shift).sigmas)
+    with pytest.raises(ValueError, match="flow_shift must be > 0"):
+        sde.wan_time_grid(steps, 0.0)

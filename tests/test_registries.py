@@ -91,6 +91,13 @@ def test_bad_reward_settings_are_named(user_module):
         FunctionReward(3)
 
 
+def test_the_digits_model_refuses_model_args():
+    from tempflow.models import load_model
+
+    with pytest.raises(TypeError, match=r"digits model takes no options \['num_frames'\]"):
+        load_model("digits", num_frames=5)
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     pytest.importorskip("diffusers")

@@ -18,6 +18,7 @@ from tempflow import cli  # noqa: E402
 from tempflow.models import load_model, tiny  # noqa: E402
 from tempflow.models.diffusers_models import FluxModel, SD3Model  # noqa: E402
 from tempflow.models.qwenimage import QwenImageModel  # noqa: E402
+from tempflow.models.wan import WanModel  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a cat", "Two DOGS, 7!", ""]  # upper case, punctuation and the empty prompt go through the tokenizers too
@@ -40,6 +41,10 @@ def reload(folder):
 
 def encode(pipe):
     with torch.no_grad():
+        if isinstance(pipe, diffusers.WanPipeline):  # UMT5 hidden states zero-padded to 16 tokens
+            return pipe.encode_prompt(PROMPTS, device="cpu", max_sequence_length=16, do_classifier_free_guidance=False)[
+                :1
+            ]
         if isinstance(pipe, diffusers.QwenImagePipeline):  # hidden states of the valid tokens, and their mask
             return pipe.encode_prompt(PROMPTS, device="cpu", max_sequence_length=16)
         if isinstance(pipe, diffusers.FluxPipeline):
@@ -53,9 +58,11 @@ def modules(pipe):
     return {name: c for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
 
 
-@pytest.mark.parametrize("kind", ["sd3", "sd3-no-t5", "flux", "qwenimage"])
+@pytest.mark.parametrize("kind", ["sd3", "sd3-no-t5", "flux", "qwenimage", "wan"])
 def test_saved_pipeline_reloads_as_the_one_in_memory(kind, saved, tmp_path):
-    if kind == "flux":
+    if kind == "wan":
+        pipe, folder = tiny.wan_pipeline(tmp_path / "work"), saved["wan"]
+    elif kind == "flux":
         pipe, folder = tiny.flux_pipeline(tmp_path / "work"), saved["flux"]
     elif kind == "qwenimage":
         pipe, folder = tiny.qwenimage_pipeline(tmp_path / "work"), saved["qwenimage"]
@@ -72,6 +79,10 @@ def test_saved_pipeline_reloads_as_the_one_in_memory(kind, saved, tmp_path):
         assert (loaded.text_encoder_3 is None) == (loaded.tokenizer_3 is None) == (kind == "sd3-no-t5")
     elif kind == "flux":
         assert loaded.transformer.config.guidance_embeds
+    elif kind == "wan":  # Wan's scheduler (UniPC, flow sigmas, flow_shift 5) and VAE factors survive the round trip
+        assert type(loaded.scheduler).__name__ == "UniPCMultistepScheduler"
+        assert {k: loaded.scheduler.config[k] for k in tiny.WAN_SCHEDULER} == tiny.WAN_SCHEDULER
+        assert (loaded.vae_scale_factor_temporal, loaded.vae_scale_factor_spatial) == (4, 4)
     else:  # Qwen-Image: the scheduler config and the tokenizer's special tokens survive the round trip
         assert {k: loaded.scheduler.config[k] for k in tiny.QWEN_SCHEDULER} == tiny.QWEN_SCHEDULER
         assert loaded.tokenizer.tokenize("<|im_start|>user\n") == ["<|im_start|>", "user", "\u010a"]
@@ -87,18 +98,19 @@ def test_saved_pipeline_reloads_as_the_one_in_memory(kind, saved, tmp_path):
         assert bool(hidden[:, 77:].abs().sum() > 0) == (kind == "sd3")
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux", "qwenimage"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "qwenimage", "wan"])
 def test_load_model_takes_a_saved_folder(kind, saved):
-    size = {"sd3": 32, "flux": 16, "qwenimage": 16}[kind]
-    model = load_model(str(saved[kind]), height=size, width=size, torch_dtype=torch.float32)
-    assert isinstance(model, {"sd3": SD3Model, "flux": FluxModel, "qwenimage": QwenImageModel}[kind])
+    size = {"sd3": 32, "flux": 16, "qwenimage": 16, "wan": 16}[kind]
+    video = {"num_frames": 5} if kind == "wan" else {}
+    model = load_model(str(saved[kind]), height=size, width=size, torch_dtype=torch.float32, **video)
+    assert isinstance(model, {"sd3": SD3Model, "flux": FluxModel, "qwenimage": QwenImageModel, "wan": WanModel}[kind])
     cond = model.encode(["a cat", "a dog"])
     x = torch.randn(2, *model.latent_shape)
     with torch.no_grad():
         v = model.velocity(x, 0.5, cond, torch.tensor([0, 1]))
         images = model.decode(x)
     assert v.shape == x.shape and torch.isfinite(v).all()
-    assert images.shape == (2, 3, size, size)
+    assert images.shape == ((2, 5, 3, size, size) if video else (2, 3, size, size))
 
 
 def test_clip_folder_loads_in_the_rewards(saved, tmp_path):
@@ -136,7 +148,9 @@ def test_the_seed_makes_the_weights(kind, saved, tmp_path):
 
 
 def test_save_tiny_refuses_what_it_should(tmp_path):
-    with pytest.raises(ValueError, match="unknown tiny model kind 'sdxl': choose one of sd3, flux, qwenimage, clip"):
+    with pytest.raises(
+        ValueError, match="unknown tiny model kind 'sdxl': choose one of sd3, flux, qwenimage, wan, clip"
+    ):
         tiny.save_tiny("sdxl", str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
     (tmp_path / "full").mkdir()

@@ -71,7 +71,21 @@ def test_derived_settings():
     assert (r.seeds_per_prompt, r.guidance, r.noise_level, r.max_batch, r.seed) == (3, 4.5, 0.9, 7, 5)
     assert r.plan.mode == "trajectory" and r.plan.sde_steps == tuple(range(9))
     opts = TrainConfig(resolution=512, height=768, dtype="bf16", device="cpu").model_options()
-    assert opts == dict(device="cpu", dtype="bf16", height=768, width=512, attention="sdpa", max_sequence_length=128)
+    assert opts == dict(device="cpu", dtype="bf16", height=768, width=512, attention="sdpa", max_sequence_length=None)
+    assert TrainConfig(max_sequence_length=77).model_options()["max_sequence_length"] == 77
+
+
+def test_model_args_reach_the_loader_and_cannot_shadow_settings():
+    """A family's own options (Wan's num_frames, negative_prompt) go to load_model beside the common ones."""
+    cfg = TrainConfig.from_sources(None, ["model_args={num_frames: 33, negative_prompt: 'blurry, static'}",
+                                          "device=cpu"])  # fmt: skip
+    assert cfg.model_args == {"num_frames": 33, "negative_prompt": "blurry, static"}
+    assert cfg.model_options()["num_frames"] == 33 and cfg.model_options()["negative_prompt"] == "blurry, static"
+    assert TrainConfig.from_sources(None, ["model_args="]).model_args == {}
+    with pytest.raises(SettingError, match="dtype, height are settings of their own"):
+        TrainConfig.from_sources(None, ["model_args={height: 64, dtype: bf16}"])
+    with pytest.raises(SettingError, match="expected a mapping of option names"):
+        TrainConfig.from_sources(None, ["model_args=frames"])
     text = TrainConfig.help()
     for name in ("model", "prompts", "reward", "eval_every", "train_steps", "adv_clip", "weight_decay", "dtype"):
         assert f"  {name} = " in text

@@ -35,10 +35,10 @@ GENEVAL = [
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """Tiny random-weight SD3, FLUX and Qwen-Image pipeline folders, a tiny CLIP folder (PickScore's format), prompt
-    files."""
+    """Tiny random-weight SD3, FLUX, Qwen-Image and Wan pipeline folders, a tiny CLIP folder (PickScore's format),
+    prompt files."""
     root = tmp_path_factory.mktemp("tiny")
-    out = {kind: save_tiny(kind, str(root / kind)) for kind in ("sd3", "flux", "qwenimage", "clip")}
+    out = {kind: save_tiny(kind, str(root / kind)) for kind in ("sd3", "flux", "qwenimage", "wan", "clip")}
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     (root / "geneval.jsonl").write_text("\n".join(json.dumps(r) for r in GENEVAL) + "\n")
     out["txt"], out["jsonl"] = str(root / "prompts.txt"), str(root / "geneval.jsonl")
@@ -113,6 +113,48 @@ def test_example_config_on_a_tiny_model_of_its_family(config, tiny, tmp_path, ca
     assert set(results) == {"base", "final", "ema"} and set(parts) <= set(results["final"])
     first = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
     assert results["base"]["reward"] == pytest.approx(first["eval/reward"], rel=1e-5, abs=1e-6)
+
+
+def test_wan_example_config_on_the_tiny_wan_model(tiny, tmp_path):
+    """configs/wan_t2v.yaml (the paper's algorithm settings, Wan's 480p sampling, PickScore over frames plus temporal
+    consistency) for 2 iterations on the tiny Wan model, videos of 5 frames, then `tempflow eval` and `tempflow sample`
+    on the run (one GIF per video); bf16 as the config says, with Wan's fp32 modules left in fp32."""
+    from PIL import Image
+
+    path = os.path.join(CONFIGS, "wan_t2v.yaml")
+    paper = TrainConfig.from_sources(path)
+    assert (paper.steps, paper.branches, paper.seeds_per_prompt, paper.lora_rank, paper.lora_alpha) == (
+        10,
+        6,
+        4,
+        32,
+        64,
+    )
+    assert paper.clip_eps == 1e-4 and paper.lr == 3e-4 and paper.guidance == 5.0 and paper.dtype == "bf16"
+    assert paper.max_sequence_length == 512 and (paper.height, paper.width) == (480, 832)
+    assert paper.model_args == {"num_frames": 33, "flow_shift": 3.0, "negative_prompt": ""}
+    assert set(paper.reward) == {"frames", "temporal-consistency"}
+    out = str(tmp_path / "run")
+    reward = f"reward={{frames: {{weight: 1.0, frames: [0, -1], reward: {{pickscore: {{path: {tiny['clip']}}}}}}}, " \
+             "temporal-consistency: 0.2}"  # fmt: skip
+    sets = [f"model={tiny['wan']}", "height=16", "width=16", "model_args={num_frames: 5, flow_shift: 3.0}",
+            f"out={out}", f"prompts={tiny['txt']}", f"eval_prompts={tiny['txt']}", reward, *SIZES]  # fmt: skip
+    run_cli("train", "--config", path, *[a for s in sets for a in ("--set", s)])
+    check_run(out, tiny["wan"], tiny["txt"], ["frames", "temporal-consistency"])
+    assert Image.open(os.path.join(out, "samples", "iteration00000.png")).size[0] > 0
+    run_cli("eval", "--run", out, "--steps", "2")
+    results = json.load(open(os.path.join(out, "eval.json")))["results"]["T2"]
+    assert {"frames", "temporal-consistency"} <= set(results["final"])
+    first = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
+    assert results["base"]["reward"] == pytest.approx(first["eval/reward"], rel=1e-5, abs=1e-6)
+    run_cli("sample", "--run", out, "a red fox", "--per-prompt", "2", "--steps", "2", "--out", str(tmp_path / "v.png"))
+    assert Image.open(tmp_path / "v-001.gif").n_frames == 5
+    from tempflow.models import load_model
+    from tempflow.train.trainer import prepare
+
+    model = load_model(tiny["wan"], height=16, width=16, dtype="bf16", num_frames=5)
+    prepare(model, TrainConfig.from_sources(path, ["device=cpu"]))
+    assert model.dtype == torch.bfloat16 and model.transformer.scale_shift_table.dtype == torch.float32
 
 
 def _free_port() -> int:

@@ -2,7 +2,10 @@
 
 An adapter encodes each prompt once into a :class:`Conditioning` whose tensors are gathered by prompt index (no
 copy per branch or per seed), runs the velocity with classifier-free guidance as one batched forward of the
-conditional and unconditional halves, accepts a per-sample time vector, and decodes latents to images in [0, 1].
+conditional and unconditional halves, accepts a per-sample time vector, and decodes latents to images
+``(B, C, H, W)`` in [0, 1], or, for a video model, to videos ``(B, F, C, H, W)`` (frames second): latents may have any
+``latent_shape``, and what the decode gives goes to the rewards as it is (video rewards:
+:mod:`tempflow.rewards.video`).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class FlowModel:
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)``, or videos ``(B, F, C, H, W)``, in [0, 1] from latents ``(B, *latent_shape)``."""
         raise NotImplementedError
 
     def trained_module(self) -> torch.nn.Module:

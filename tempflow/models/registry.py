@@ -7,7 +7,9 @@ and nothing else in tempflow changes (the engine and the trainer see only the Fl
 Every family takes the same loading options: ``device``, ``dtype`` (the denoiser's and text encoders' weights:
 fp32 | bf16 | fp16; trainable LoRA weights are made fp32 by the trainer), ``height`` / ``width`` (None: the
 model's own default size), ``attention`` (sdpa | xformers | flash) and ``max_sequence_length`` (T5 tokens;
-Qwen-Image: the most prompt tokens kept; families without either ignore it).
+Qwen-Image: the most prompt tokens kept; Wan: the UMT5 length prompts are zero-padded to, 512 as Wan is used;
+families without either ignore it). A family's own options go through as keyword arguments (Wan: ``num_frames``,
+``negative_prompt``, ``flow_shift``).
 """
 
 from __future__ import annotations
@@ -69,6 +71,12 @@ def _load_qwenimage(path, **options):
     return QwenImageModel.from_pretrained(path, **options)
 
 
+def _load_wan(path, **options):
+    from .wan import WanModel
+
+    return WanModel.from_pretrained(path, **options)
+
+
 def _has_transformer(name: str, pipeline: str | None = None) -> Callable[[dict], bool]:
     """The folder's transformer class is ``name`` (and, if given, its pipeline class ``pipeline``)."""
     return lambda index: _transformer_class(index) == name and pipeline in (None, index.get("_class_name"))
@@ -79,6 +87,9 @@ register_family("flux", "FLUX.1 (FluxTransformer2DModel)", _has_transformer("Flu
 # Qwen-Image-Edit shares the transformer class but not the pipeline (its prompts take an image): not this adapter
 register_family("qwenimage", "Qwen-Image (QwenImagePipeline, QwenImageTransformer2DModel)",
                 _has_transformer("QwenImageTransformer2DModel", "QwenImagePipeline"), _load_qwenimage)  # fmt: skip
+# Wan's image-to-video and video-to-video pipelines share the transformer class: only WanPipeline is text-to-video
+register_family("wan", "Wan 2.1 text-to-video (WanPipeline, WanTransformer3DModel)",
+                _has_transformer("WanTransformer3DModel", "WanPipeline"), _load_wan)  # fmt: skip
 
 
 def _read_index(path: str) -> dict:
@@ -115,9 +126,10 @@ def detect_family(path: str) -> Family:
 
 
 def load_model(spec: str = "digits", device="cpu", dtype="fp32", height: int | None = None, width: int | None = None,
-               attention: str = "sdpa", max_sequence_length: int = 128, **kwargs) -> FlowModel:  # fmt: skip
+               attention: str = "sdpa", max_sequence_length: int | None = None, **kwargs) -> FlowModel:  # fmt: skip
     """``"digits"`` (the embedded default) or a local diffusers folder of a registered family. ``dtype``: fp32 |
-    bf16 | fp16 or a torch dtype; other keyword arguments go to the family's loader."""
+    bf16 | fp16 or a torch dtype; ``max_sequence_length`` None: the family's own (128 for SD3, FLUX and Qwen-Image,
+    512 for Wan); other keyword arguments go to the family's loader."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -126,7 +138,12 @@ def load_model(spec: str = "digits", device="cpu", dtype="fp32", height: int | N
     if spec == "digits":
         from .digits import DigitsModel
 
+        if kwargs:
+            raise TypeError(f"the digits model takes no options {sorted(kwargs)} (model_args are a diffusers "
+                            "family's own loading options, e.g. Wan's num_frames)")  # fmt: skip
         return DigitsModel.load(device=device, dtype=dtype, height=height, width=width, attention=attention)
     family = detect_family(spec)
+    if max_sequence_length is not None:
+        kwargs["max_sequence_length"] = max_sequence_length
     return family.load(spec, device=device, torch_dtype=dtype, height=height, width=width, attention=attention,
-                       max_sequence_length=max_sequence_length, **kwargs)  # fmt: skip
+                       **kwargs)  # fmt: skip

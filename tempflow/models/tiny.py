@@ -1,5 +1,6 @@
-"""Tiny random-weight models of the real architectures, built offline in a second: SD3 / SD3.5, FLUX.1-dev and
-Qwen-Image diffusers pipelines, and a transformers CLIP model (what the PickScore and Aesthetic rewards load).
+"""Tiny random-weight models of the real architectures, built offline in a second: SD3 / SD3.5, FLUX.1-dev,
+Qwen-Image and Wan 2.1 text-to-video diffusers pipelines, and a transformers CLIP model (what the PickScore and
+Aesthetic rewards load).
 
 They are for trying tempflow's diffusers code paths on a machine without a GPU, without downloading gigabytes from a
 model hub (nothing here touches the network), and for tests. The architectures, configs, tokenizers and folder
@@ -8,16 +9,18 @@ weights are random: the images they make are noise and their rewards mean nothin
 
 Write one to a folder with::
 
-    tempflow tiny-model sd3|flux|qwenimage|clip FOLDER
+    tempflow tiny-model sd3|flux|qwenimage|wan|clip FOLDER
 
 and use the folder wherever tempflow takes a local model folder, e.g. ``tempflow sample --model FOLDER --size 16``
 (``tempflow.models.load_model(FOLDER, height=.., width=..)``) or ``tempflow.rewards.PickScore(FOLDER)``. The tiny VAE
 does not downsample, so latents are as large as the images: SD3 takes images up to 32x32 (a 16-patch position
 embedding of 2x2 patches), FLUX any size that is a multiple of 2 (16x16 keeps it fast). The tiny Qwen-Image VAE
-halves the image size (the real one divides it by 8), so its images are multiples of 4 (16x16: 16 tokens).
+halves the image size (the real one divides it by 8), so its images are multiples of 4 (16x16: 16 tokens). The tiny
+Wan VAE divides the size by 4 (the real one by 8) and, as the real one, compresses 4 frames into one after the first,
+so its videos are multiples of 8 a side with 4k+1 frames (``load_model(FOLDER, height=16, width=16, num_frames=5)``).
 
-In Python, :func:`sd3_pipeline`, :func:`flux_pipeline` and :func:`qwenimage_pipeline` return the pipelines in memory
-and :func:`save_tiny` writes a folder. The same seed gives the same weights.
+In Python, :func:`sd3_pipeline`, :func:`flux_pipeline`, :func:`qwenimage_pipeline` and :func:`wan_pipeline` return
+the pipelines in memory and :func:`save_tiny` writes a folder. The same seed gives the same weights.
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ import torch
 if TYPE_CHECKING:
     import diffusers
 
-__all__ = ["KINDS", "sd3_pipeline", "flux_pipeline", "qwenimage_pipeline", "save_tiny"]
+__all__ = ["KINDS", "sd3_pipeline", "flux_pipeline", "qwenimage_pipeline", "wan_pipeline", "save_tiny"]
 
-KINDS = ("sd3", "flux", "qwenimage", "clip")
+KINDS = ("sd3", "flux", "qwenimage", "wan", "clip")
 
 LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
 
@@ -268,6 +271,57 @@ def qwenimage_pipeline(workdir, seed: int = 0) -> diffusers.QwenImagePipeline:
     ))  # fmt: skip
 
 
+#: The tiny Wan pipeline's scheduler config: the form of Wan's published diffusers scheduler configs
+#: (``UniPCMultistepScheduler``, flow sigmas, flow prediction, UniPC's bh2 solver of order 2) with ``flow_shift`` 5.0,
+#: the pipeline docs' value for 720p (3.0 for 480p). Which shift each published Wan folder ships was not checked
+#: offline: WanModel reads it from the folder's own scheduler config (or takes ``flow_shift``).
+WAN_SCHEDULER = {
+    "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001, "disable_corrector": [],
+    "dynamic_thresholding_ratio": 0.995, "final_sigmas_type": "zero", "flow_shift": 5.0, "lower_order_final": True,
+    "num_train_timesteps": 1000, "predict_x0": True, "prediction_type": "flow_prediction",
+    "rescale_betas_zero_snr": False, "sample_max_value": 1.0, "solver_order": 2, "solver_p": None,
+    "solver_type": "bh2", "steps_offset": 0, "thresholding": False, "timestep_spacing": "linspace",
+    "trained_betas": None, "use_beta_sigmas": False, "use_exponential_sigmas": False, "use_flow_sigmas": True,
+    "use_karras_sigmas": False,
+}  # fmt: skip
+
+
+def umt5_encoder(vocab, d_model):
+    """A one-layer UMT5 encoder (Wan's text encoder) of width ``d_model``, the transformer's ``text_dim``."""
+    transformers = _transformers()
+    return transformers.UMT5EncoderModel(transformers.UMT5Config(vocab_size=vocab, d_model=d_model, d_kv=8, d_ff=32,
+                                                                 num_layers=1, num_heads=2, pad_token_id=0,
+                                                                 eos_token_id=1))  # fmt: skip
+
+
+def wan_pipeline(workdir, seed: int = 0) -> diffusers.WanPipeline:
+    """A random-weight Wan 2.1 text-to-video pipeline: a one-layer ``WanTransformer3DModel`` (4 latent channels,
+    1x2x2 patches), an ``AutoencoderKLWan`` with Wan's temporal factor 4 (two temporal downsamplings) but spatial
+    factor 4 (the real one: 8), non-trivial ``latents_mean`` / ``latents_std``, a one-layer UMT5 encoder with the T5
+    tokenizer of :func:`t5_tokenizer` (Wan's is a T5 tokenizer too) and the form of Wan's scheduler config
+    (:data:`WAN_SCHEDULER`). ``workdir`` is unused (the signature of the other builders). The global torch RNG is left
+    as it was."""
+    import diffusers
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tok, n = t5_tokenizer()
+        text_encoder = umt5_encoder(n, 16)
+        transformer = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2,
+                                                      attention_head_dim=12, in_channels=4, out_channels=4,
+                                                      text_dim=16, freq_dim=32, ffn_dim=32, num_layers=1,
+                                                      cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                                      rope_max_seq_len=32)  # fmt: skip
+        vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1,
+                                         temperal_downsample=[True, True], latents_mean=[0.1, -0.2, 0.3, -0.4],
+                                         latents_std=[1.5, 0.8, 1.2, 2.0], scale_factor_temporal=4,
+                                         scale_factor_spatial=4)  # fmt: skip
+    return _eval(diffusers.WanPipeline(
+        tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
+        scheduler=diffusers.UniPCMultistepScheduler(**WAN_SCHEDULER),
+    ))  # fmt: skip
+
+
 def _save_clip(folder: str, workdir: str, seed: int) -> None:
     """A random-weight transformers CLIPModel (32x32 images in 8x8 patches, 16-d embeddings) and its processor."""
     transformers = _transformers()
@@ -290,8 +344,8 @@ def _save_clip(folder: str, workdir: str, seed: int) -> None:
 
 def save_tiny(kind: str, folder: str, seed: int = 0) -> str:
     """Write a tiny random-weight model of ``kind`` (one of :data:`KINDS`) to ``folder``, which is created and must
-    not exist or be empty. ``"sd3"`` (with T5, as SD3.5), ``"flux"`` and ``"qwenimage"``: a diffusers pipeline
-    folder (load it with ``tempflow.models.load_model(folder, ...)``); ``"clip"``: a transformers CLIPModel +
+    not exist or be empty. ``"sd3"`` (with T5, as SD3.5), ``"flux"``, ``"qwenimage"`` and ``"wan"``: a diffusers
+    pipeline folder (load it with ``tempflow.models.load_model(folder, ...)``); ``"clip"``: a transformers CLIPModel +
     CLIPProcessor folder (for ``PickScore(folder)`` or ``Aesthetic(folder, head)``). Returns ``folder``."""
     if kind not in KINDS:
         raise ValueError(f"unknown tiny model kind {kind!r}: choose one of {', '.join(KINDS)}")
@@ -305,7 +359,12 @@ def save_tiny(kind: str, folder: str, seed: int = 0) -> str:
             if kind == "clip":
                 _save_clip(folder, workdir, seed)
             else:
-                build = {"sd3": sd3_pipeline, "flux": flux_pipeline, "qwenimage": qwenimage_pipeline}[kind]
+                build = {
+                    "sd3": sd3_pipeline,
+                    "flux": flux_pipeline,
+                    "qwenimage": qwenimage_pipeline,
+                    "wan": wan_pipeline,
+                }[kind]
                 build(workdir, seed=seed).save_pretrained(folder)
     except BaseException:  # leave no half-written model behind (the folder was new or empty)
         shutil.rmtree(folder, ignore_errors=True)

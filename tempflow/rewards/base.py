@@ -1,5 +1,11 @@
 """The reward protocol: ``reward(images, prompts, metadata) -> (B,)``, and a weighted sum of rewards.
 
+``images`` are what the model's ``decode`` gives: images ``(B, C, H, W)`` or, from a video model, videos
+``(B, F, C, H, W)`` (frames second), in [0, 1]. An image reward refuses videos with a message; score a video with
+:class:`tempflow.rewards.FrameReward` (any image reward over chosen frames) or a video reward
+(:class:`tempflow.rewards.TemporalConsistency`). A reward class says which it takes with ``video`` (False: images,
+True: videos, None: either).
+
 Any callable with that signature is a reward. A :class:`Reward` may also report named values beside the one it
 returns (:meth:`Reward.detailed`: a weighted sum's parts, a classifier's accuracy next to its probability); the
 trainer logs them, and :func:`score` gives ``(total, named values)`` for any reward, plain functions included.
@@ -18,10 +24,23 @@ class RewardError(RuntimeError):
     """A reward returned something unusable (wrong shape, NaN/Inf); the message names the reward."""
 
 
-def check_images(images: torch.Tensor, prompts: Sequence[str], who: str) -> None:
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"{who}: images must be (B, C, H, W) with C = 1 or 3 in [0, 1], got {shape}")
+def check_images(images: torch.Tensor, prompts: Sequence[str], who: str, video: bool | None = False) -> None:
+    """Images ``(B, C, H, W)`` (``video`` False), videos ``(B, F, C, H, W)`` (True) or either (None), C = 1 or 3,
+    with one prompt per image or video."""
+    tensor = isinstance(images, torch.Tensor)
+    shape = tuple(images.shape) if tensor else type(images).__name__
+    is_video = tensor and images.dim() == 5 and images.shape[2] in (1, 3)
+    is_image = tensor and images.dim() == 4 and images.shape[1] in (1, 3)
+    if video is False and is_video:
+        raise ValueError(f"{who}: scores images (B, C, H, W) but got videos {shape} (B, F, C, H, W); score videos "
+                         f"with tempflow.rewards.FrameReward({who!r} reward) (its mean over frames; setting "
+                         f"{{frames: {{reward: {who}}}}}) or a video reward such as temporal-consistency")  # fmt: skip
+    if video is True and is_image:
+        raise ValueError(f"{who}: scores videos (B, F, C, H, W) but got images {shape}; it needs a video model's "
+                         "samples")  # fmt: skip
+    if not ((video is not True and is_image) or (video is not False and is_video)):
+        want = {False: "(B, C, H, W)", True: "(B, F, C, H, W)", None: "(B, C, H, W) or videos (B, F, C, H, W)"}
+        raise ValueError(f"{who}: images must be {want[video]} with C = 1 or 3 in [0, 1], got {shape}")
     if len(prompts) != images.shape[0]:
         raise ValueError(f"{who}: {len(prompts)} prompts for {images.shape[0]} images")
 
@@ -62,6 +81,8 @@ class Reward:
     and the result comes back on the images' device."""
 
     name = "reward"
+    #: what it scores: images (False), videos (True) or either (None)
+    video: bool | None = False
 
     def __init__(self, device: torch.device | str | None = "cpu"):
         self.device = torch.device(device) if device is not None else None
@@ -72,7 +93,7 @@ class Reward:
     def inputs(self, images, prompts, metadata) -> tuple[torch.Tensor, list[str], list[dict]]:
         """The checked inputs as ``score`` takes them: images fp32 in [0, 1] on the reward's device, the prompts, one
         metadata dict per image."""
-        check_images(images, prompts, self.name)
+        check_images(images, prompts, self.name, self.video)
         metadata = list(metadata) if metadata is not None else [{} for _ in prompts]
         return images.to(self.device or images.device, torch.float32).clamp(0, 1), list(prompts), metadata
 
@@ -89,7 +110,10 @@ class Reward:
 
 class FunctionReward(Reward):
     """A plain ``fn(images, prompts, metadata) -> (B,)`` as a :class:`Reward` named ``name`` (its inputs and output
-    checked like every reward's). Images arrive on the images' device, fp32 in [0, 1]."""
+    checked like every reward's). Images arrive on the images' device, fp32 in [0, 1]: images or videos, as the
+    model decodes them (the function takes what it is given)."""
+
+    video = None
 
     def __init__(self, fn, name: str | None = None):
         if not callable(fn):
@@ -106,6 +130,7 @@ class WeightedSum(Reward):
     checked on its own, so a broken part is named in the error; :meth:`detailed` reports every part."""
 
     name = "weighted-sum"
+    video = None  # each part checks what it takes
 
     def __init__(self, parts: dict[Reward, float] | Sequence[tuple[Reward, float]]):
         items = list(parts.items()) if isinstance(parts, dict) else list(parts)
@@ -121,7 +146,7 @@ class WeightedSum(Reward):
 
     @torch.no_grad()
     def detailed(self, images, prompts, metadata=None):
-        check_images(images, prompts, self.name)
+        check_images(images, prompts, self.name, None)
         total, named = 0.0, {}
         for reward, weight in self.parts:
             value, parts = score(reward, images, prompts, metadata)

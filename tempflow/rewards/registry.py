@@ -3,8 +3,9 @@ serve-reward`` build from.
 
 A reward setting is one of:
 
-* a registered name: ``digit-correctness``, ``jpeg-compressibility``, ``pickscore``, ``aesthetic``, ``hpsv2``
-  (:data:`REWARDS`; register more with :func:`register_reward`);
+* a registered name: ``digit-correctness``, ``jpeg-compressibility``, ``pickscore``, ``aesthetic``, ``hpsv2``, and
+  for videos ``frames`` (an image reward's mean over frames: ``{frames: {reward: pickscore, frames: all}}``) and
+  ``temporal-consistency`` (:data:`REWARDS`; register more with :func:`register_reward`);
 * an import path of the user's own code: ``module:function`` (a callable ``(images, prompts, metadata) -> (B,)``)
   or ``module:Class`` (instantiated with the keyword arguments);
 * a mapping of several, weighted: ``{name: weight}`` or ``{name: {weight: w, <keyword arguments>}}``, e.g.
@@ -30,6 +31,8 @@ REWARDS: dict[str, str | Callable[..., Reward]] = {
     "pickscore": "tempflow.rewards.clip:PickScore",
     "aesthetic": "tempflow.rewards.clip:Aesthetic",
     "hpsv2": "tempflow.rewards.clip:HPSv2",
+    "frames": "tempflow.rewards.video:frames_reward",
+    "temporal-consistency": "tempflow.rewards.video:TemporalConsistency",
 }
 
 

@@ -116,6 +116,19 @@ def _reward(value):
     raise ValueError("expected a reward name, module:function, or a mapping name -> weight")
 
 
+def _mapping(value):
+    """Keyword arguments: a mapping of names (YAML, or ``{num_frames: 33}`` from the command line); empty: none."""
+    if value is None or value == "":
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and k.isidentifier() for k in value):
+        raise ValueError("expected a mapping of option names to values, e.g. {num_frames: 33}")
+    reserved = sorted(set(value) & {"device", "dtype", "torch_dtype", "height", "width", "attention",
+                                    "max_sequence_length"})  # fmt: skip
+    if reserved:
+        raise ValueError(f"{', '.join(reserved)} are settings of their own: set them directly, not in model_args")
+    return dict(value)
+
+
 def _f(default, help: str, kind: Callable | None = None):
     """A setting: its default, help string and converter (from the default's type unless given)."""
     kind = kind or {bool: _bool, int: _int, float: _float, str: _str}[type(default)]
@@ -131,15 +144,20 @@ class TrainConfig:
     :class:`SettingError` at once."""
 
     # --- model -------------------------------------------------------------------------------------------------
-    model: str = _f("digits", "'digits' (the embedded default) or a local diffusers folder (SD3/SD3.5, FLUX.1)")
+    model: str = _f("digits", "'digits' (the embedded default) or a local diffusers folder (SD3/SD3.5, FLUX.1, "
+                    "Qwen-Image, Wan 2.1 T2V)")  # fmt: skip
     resolution: int = _f(0, "square image size in pixels; 0: the model's own (digits 16, SD3/FLUX pipelines' default)")
     height: int = _f(0, "image height (overrides resolution; 0: resolution)")
     width: int = _f(0, "image width (overrides resolution; 0: resolution)")
     dtype: str = _f("fp32", "weights of the denoiser and text encoders: fp32 | bf16 | fp16 (LoRA weights and all loss "
                     "maths stay fp32; the VAE decodes in fp32)")  # fmt: skip
     attention: str = _f("sdpa", "attention kernels of the transformer: sdpa | xformers | flash")
-    max_sequence_length: int = _f(128, "T5 prompt tokens (SD3, FLUX; Flow-GRPO and TempFlow-GRPO use 128)")
+    max_sequence_length: int = _f(0, "text tokens: T5's (SD3, FLUX), the most kept (Qwen-Image), UMT5's padded length "
+                                  "(Wan); 0: the model's own, 128 as Flow-GRPO and TempFlow-GRPO for SD3, FLUX and "
+                                  "Qwen-Image, 512 for Wan (whose transformer sees the padding)")  # fmt: skip
     device: str = _f("auto", "auto (this rank's GPU if there is one, else cpu) | cpu | cuda | cuda:N")
+    model_args: dict = _f({}, "the model family's own loading options, e.g. Wan: {num_frames: 33, negative_prompt: "
+                          "'...', flow_shift: 3.0}", _mapping)  # fmt: skip
     # --- prompts and rewards -----------------------------------------------------------------------------------
     prompts: str = _f("digits", "training prompts: 'digits', a .txt file (one a line) or a .jsonl file (one object a "
                       "line with 'prompt' and metadata handed to the rewards)")  # fmt: skip
@@ -244,7 +262,7 @@ class TrainConfig:
                                    f"{', '.join(map(str, allowed))}")  # fmt: skip
         at_least = {"steps": 1, "branches": 1, "seeds_per_prompt": 1, "prompts_per_iteration": 1, "iterations": 1,
                     "states_per_step": 1, "max_batch": 2, "checkpoint_every": 1, "eval_steps": 1,
-                    "eval_per_prompt": 1, "max_sequence_length": 1, "eval_every": 0,
+                    "eval_per_prompt": 1, "max_sequence_length": 0, "eval_every": 0,
                     "skip_window": 1, "skip_probe": 0, "resolution": 0, "height": 0,
                     "width": 0, "lora_rank": 0, "seed": 0, "eval_seed": 0}  # fmt: skip
         for name, low in at_least.items():
@@ -363,7 +381,7 @@ class TrainConfig:
         """What :func:`tempflow.models.load_model` takes besides the model."""
         return dict(device=self.resolved_device(), dtype=self.dtype, height=self.height or self.resolution or None,
                     width=self.width or self.resolution or None, attention=self.attention,
-                    max_sequence_length=self.max_sequence_length)  # fmt: skip
+                    max_sequence_length=self.max_sequence_length or None, **self.model_args)  # fmt: skip
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -420,7 +438,7 @@ def _parse_value(cls, name: str, raw: str):
     """A ``--set`` value: mappings and lists (reward, train_steps) are YAML; everything else stays a string for the
     setting's own converter."""
     kinds = {f.name: f.metadata["kind"] for f in fields(cls)}
-    if kinds.get(name) in (_reward, _steps) and raw.strip()[:1] in ("{", "["):
+    if kinds.get(name) in (_reward, _steps, _mapping) and raw.strip()[:1] in ("{", "["):
         import yaml
 
         try:

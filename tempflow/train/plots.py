@@ -58,8 +58,20 @@ def moving_average(values: Sequence[float], window: int = 10) -> list[float]:
     return out
 
 
+def filmstrip(videos: torch.Tensor, max_frames: int = 8) -> torch.Tensor:
+    """Videos ``(B, F, C, H, W)`` as images ``(B, C, H, k W)``: ``k = min(F, max_frames)`` frames evenly spaced from
+    the first to the last, side by side."""
+    f = videos.shape[1]
+    k = min(f, max_frames)
+    idx = torch.linspace(0, f - 1, k).round().long() if k > 1 else torch.zeros(1, dtype=torch.long)
+    return torch.cat(list(videos[:, idx].unbind(1)), dim=-1)
+
+
 def save_grid(images: torch.Tensor, columns: int, path: str, scale: int = 4, pad: int = 2) -> None:
-    """Write (B, C, H, W) images in [0, 1] as one PNG grid, ``columns`` per row, each pixel ``scale`` x ``scale``."""
+    """Write (B, C, H, W) images in [0, 1] as one PNG grid, ``columns`` per row, each pixel ``scale`` x ``scale``.
+    Videos ``(B, F, C, H, W)`` are drawn as :func:`filmstrip` s (up to 8 frames side by side)."""
+    if images.dim() == 5:
+        images = filmstrip(images)
     b, c, h, w = images.shape
     rows = (b + columns - 1) // columns
     canvas = torch.ones(3, rows * (h + pad) + pad, columns * (w + pad) + pad)
@@ -74,6 +86,21 @@ def save_grid(images: torch.Tensor, columns: int, path: str, scale: int = 4, pad
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
+
+
+def save_gif(video: torch.Tensor, path: str, fps: float = 16, scale: int = 1) -> None:
+    """Write one video ``(F, C, H, W)`` in [0, 1] as an animated GIF (Pillow) looping at ``fps`` frames per second
+    (Wan's 16 by default; GIF keeps a frame's time in hundredths of a second, so 16 fps plays at 1/0.06 s), each
+    pixel ``scale`` x ``scale``."""
+    if video.dim() != 4 or video.shape[1] not in (1, 3):
+        raise ValueError(f"a video must be (F, C, H, W) with C = 1 or 3, got {tuple(video.shape)}")
+    rgb = video.float().clamp(0, 1).expand(-1, 3, -1, -1)
+    pixels = (rgb * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    frames = [Image.fromarray(p) for p in pixels]
+    if scale > 1:
+        frames = [f.resize((f.width * scale, f.height * scale), Image.NEAREST) for f in frames]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=max(1, round(1000 / fps)), loop=0)
 
 
 def band_chart(curves: dict[str, tuple[Sequence[float], Sequence[float], Sequence[float]]], path: str,

@@ -90,7 +90,10 @@ def prepare(model, cfg: TrainConfig) -> None:
     and with ``compile`` the compiled forward (:func:`tempflow.rollout.compile_model`)."""
     dtype = DTYPES[cfg.dtype]
     module = model.trained_module()
-    if next(module.parameters()).dtype != dtype:
+    # the model's own dtype when it has one: a module loaded in bf16 may keep some parameters in fp32 on purpose
+    # (diffusers' _keep_in_fp32_modules, e.g. Wan's norms and time embedder), which a cast would undo
+    current = getattr(model, "dtype", None)
+    if (current if isinstance(current, torch.dtype) else next(module.parameters()).dtype) != dtype:
         module.to(dtype)
     if cfg.lora_rank > 0:
         model.use_lora(cfg.lora_rank, cfg.lora_alpha)
