@@ -218,12 +218,20 @@ def test_bf16_on_a_diffusers_model_loaded_in_fp32(tiny, tmp_path):
     assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
 
 
+ZERO3 = {  # family: its size and a reward for its samples (Wan's are videos)
+    "sd3": ["resolution=32", "reward=jpeg-compressibility"],
+    "qwenimage": ["resolution=16", "reward=jpeg-compressibility"],
+    "wan": ["resolution=16", "model_args={num_frames: 5}", "reward=temporal-consistency"],
+}
+
+
 @pytest.mark.slow
-def test_zero3_on_two_processes_with_a_tiny_sd3(tiny, tmp_path):
+@pytest.mark.parametrize("family", list(ZERO3))
+def test_zero3_on_two_processes_with_a_tiny_model(tiny, tmp_path, family):
     pytest.importorskip("deepspeed")
     out = tmp_path / "zero3"
-    sets = [f"model={tiny['sd3']}", "resolution=32", f"prompts={tiny['txt']}", f"eval_prompts={tiny['txt']}",
-            "reward=jpeg-compressibility", f"out={out}", "zero_stage=3", *SIZES, "prompts_per_iteration=2"]  # fmt: skip
+    sets = [f"model={tiny[family]}", *ZERO3[family], f"prompts={tiny['txt']}", f"eval_prompts={tiny['txt']}",
+            f"out={out}", "zero_stage=3", *SIZES, "prompts_per_iteration=2"]  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
            "-m", "tempflow.cli", "train", *[a for s in sets for a in ("--set", s)]]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
@@ -231,6 +239,6 @@ def test_zero3_on_two_processes_with_a_tiny_sd3(tiny, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [m["iteration"] for m in lines] == [0, 1, 2] and all(m["trained_states"] > 0 for m in lines[1:])
-    assert "eval/jpeg-compressibility" in lines[2]  # 3 held-out samples over 2 ranks: padded, counted once
+    assert f"eval/{ZERO3[family][-1].split('=')[1]}" in lines[2]  # 3 held-out samples over 2 ranks: padded, once
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state["world"] == 2 and state["iteration"] == 2
