@@ -458,10 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--quiet", action="store_true", help="no line per request")
     srv.set_defaults(func=cmd_serve_reward)
 
-    tiny = sub.add_parser("tiny-model", help="write a tiny random-weight SD3 / FLUX / Qwen-Image / Wan / CLIP "
-                          "folder (offline tries)")  # fmt: skip
-    tiny.add_argument("kind", choices=["sd3", "flux", "qwenimage", "wan", "clip"], help="sd3 | flux | qwenimage | wan "
-                      "(diffusers pipelines) | clip (a CLIPModel folder, e.g. for pickscore)")  # fmt: skip
+    tiny = sub.add_parser("tiny-model", help="write a tiny random-weight SD3 / FLUX / Qwen-Image / Wan / Z-Image / "
+                          "CLIP folder (offline tries)")  # fmt: skip
+    tiny.add_argument("kind", choices=["sd3", "flux", "qwenimage", "wan", "zimage", "clip"], help="sd3 | flux | "
+                      "qwenimage | wan | zimage (diffusers pipelines) | clip (a CLIPModel folder, e.g. for "
+                      "pickscore)")  # fmt: skip
     tiny.add_argument("folder", help="where to write it (must not exist or be empty)")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     tiny.set_defaults(func=cmd_tiny_model)

@@ -77,6 +77,12 @@ def _load_wan(path, **options):
     return WanModel.from_pretrained(path, **options)
 
 
+def _load_zimage(path, **options):
+    from .zimage import ZImageModel
+
+    return ZImageModel.from_pretrained(path, **options)
+
+
 def _has_transformer(name: str, pipeline: str | None = None) -> Callable[[dict], bool]:
     """The folder's transformer class is ``name`` (and, if given, its pipeline class ``pipeline``)."""
     return lambda index: _transformer_class(index) == name and pipeline in (None, index.get("_class_name"))
@@ -90,6 +96,9 @@ register_family("qwenimage", "Qwen-Image (QwenImagePipeline, QwenImageTransforme
 # Wan's image-to-video and video-to-video pipelines share the transformer class: only WanPipeline is text-to-video
 register_family("wan", "Wan 2.1 text-to-video (WanPipeline, WanTransformer3DModel)",
                 _has_transformer("WanTransformer3DModel", "WanPipeline"), _load_wan)  # fmt: skip
+# Z-Image-Omni's and the image-to-image pipelines share the transformer class: only ZImagePipeline is this adapter
+register_family("zimage", "Z-Image (ZImagePipeline, ZImageTransformer2DModel)",
+                _has_transformer("ZImageTransformer2DModel", "ZImagePipeline"), _load_zimage)  # fmt: skip
 
 
 def _read_index(path: str) -> dict:

@@ -9,7 +9,7 @@ weights are random: the images they make are noise and their rewards mean nothin
 
 Write one to a folder with::
 
-    tempflow tiny-model sd3|flux|qwenimage|wan|clip FOLDER
+    tempflow tiny-model sd3|flux|qwenimage|wan|zimage|clip FOLDER
 
 and use the folder wherever tempflow takes a local model folder, e.g. ``tempflow sample --model FOLDER --size 16``
 (``tempflow.models.load_model(FOLDER, height=.., width=..)``) or ``tempflow.rewards.PickScore(FOLDER)``. The tiny VAE
@@ -36,9 +36,17 @@ import torch
 if TYPE_CHECKING:
     import diffusers
 
-__all__ = ["KINDS", "sd3_pipeline", "flux_pipeline", "qwenimage_pipeline", "wan_pipeline", "save_tiny"]
+__all__ = [
+    "KINDS",
+    "sd3_pipeline",
+    "flux_pipeline",
+    "qwenimage_pipeline",
+    "wan_pipeline",
+    "zimage_pipeline",
+    "save_tiny",
+]
 
-KINDS = ("sd3", "flux", "qwenimage", "wan", "clip")
+KINDS = ("sd3", "flux", "qwenimage", "wan", "zimage", "clip")
 
 LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
 
@@ -322,6 +330,53 @@ def wan_pipeline(workdir, seed: int = 0) -> diffusers.WanPipeline:
     ))  # fmt: skip
 
 
+#: Z-Image's scheduler config (Tongyi-MAI/Z-Image-Turbo ``scheduler/scheduler_config.json`` as recalled offline: a
+#: static shift of 3, no dynamic shifting), the tiny pipeline's too
+ZIMAGE_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
+
+#: Qwen3's chat template reduced to what ``ZImagePipeline._encode_prompt`` uses: one user turn, the generation prompt,
+#: ``enable_thinking=True`` (Qwen3's template adds an empty think block only when thinking is off)
+QWEN3_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def zimage_pipeline(workdir, seed: int = 0) -> diffusers.ZImagePipeline:
+    """A random-weight Z-Image pipeline: a ``ZImageTransformer2DModel`` with one layer of each kind (noise refiner,
+    context refiner, main; 4 latent channels, 2x2 patches), a two-level ``AutoencoderKL`` (2x downsampling) with
+    non-trivial ``scaling_factor`` and ``shift_factor``, a two-layer ``Qwen3Model`` text encoder (the pipeline takes
+    its second-to-last hidden states) with the byte-level tokenizer of :func:`qwen_tokenizer` (files under
+    ``workdir``) and Qwen3's chat template (:data:`QWEN3_CHAT_TEMPLATE`), and :data:`ZIMAGE_SCHEDULER`. The global
+    torch RNG is left as it was."""
+    import diffusers
+
+    transformers = _transformers()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tok, n = qwen_tokenizer(workdir)
+        tok.chat_template = QWEN3_CHAT_TEMPLATE
+        ids = tok.convert_tokens_to_ids
+        text_encoder = transformers.Qwen3Model(transformers.Qwen3Config(
+            vocab_size=n, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=2048, bos_token_id=ids("<|endoftext|>"),
+            eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+        ))  # fmt: skip
+        transformer = diffusers.ZImageTransformer2DModel(in_channels=4, dim=32, n_layers=1, n_refiner_layers=1,
+                                                         n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+                                                         axes_dims=[4, 6, 6], axes_lens=[256, 32, 32])  # fmt: skip
+        vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                                      down_block_types=["DownEncoderBlock2D"] * 2,
+                                      up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16],
+                                      layers_per_block=1, norm_num_groups=8, scaling_factor=0.37,
+                                      shift_factor=0.11)  # fmt: skip
+    return _eval(diffusers.ZImagePipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**ZIMAGE_SCHEDULER), vae=vae, text_encoder=text_encoder,
+        tokenizer=tok, transformer=transformer,
+    ))  # fmt: skip
+
+
 def _save_clip(folder: str, workdir: str, seed: int) -> None:
     """A random-weight transformers CLIPModel (32x32 images in 8x8 patches, 16-d embeddings) and its processor."""
     transformers = _transformers()
@@ -364,6 +419,7 @@ def save_tiny(kind: str, folder: str, seed: int = 0) -> str:
                     "flux": flux_pipeline,
                     "qwenimage": qwenimage_pipeline,
                     "wan": wan_pipeline,
+                    "zimage": zimage_pipeline,
                 }[kind]
                 build(workdir, seed=seed).save_pretrained(folder)
     except BaseException:  # leave no half-written model behind (the folder was new or empty)
