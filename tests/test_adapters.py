@@ -15,13 +15,14 @@ from tempflow.models.diffusers_models import FluxModel, SD3Model, set_attention 
 from tempflow.models.qwenimage import QwenImageModel  # noqa: E402
 from tempflow.models.tiny import flux_pipeline, qwenimage_pipeline, sd3_pipeline, wan_pipeline  # noqa: E402
 from tempflow.models.wan import WanModel  # noqa: E402
+from tempflow.models.zimage import ZImageModel  # noqa: E402
 
 # each diffusers family: its tiny pipeline, adapter, a test size, and the rows one guided sample forwards
 FAMILIES = {"sd3": (sd3_pipeline, SD3Model, 32, 2), "flux": (flux_pipeline, FluxModel, 16, 1),
             "qwenimage": (qwenimage_pipeline, QwenImageModel, 16, 2)}  # fmt: skip
 
 
-@pytest.fixture(params=["sd3", "flux", "qwenimage", "wan", "digits"])
+@pytest.fixture(params=["sd3", "flux", "qwenimage", "wan", "zimage", "digits"])
 def adapter(request, tmp_path):
     if request.param == "sd3":
         return SD3Model.from_pipeline(sd3_pipeline(tmp_path, t5=False), height=32, width=32)
@@ -29,6 +30,10 @@ def adapter(request, tmp_path):
         return FluxModel.from_pipeline(flux_pipeline(tmp_path), height=16, width=16, max_sequence_length=16)
     if request.param == "qwenimage":
         return QwenImageModel.from_pipeline(qwenimage_pipeline(tmp_path), height=16, width=16)
+    if request.param == "zimage":
+        from tempflow.models.tiny import zimage_pipeline
+
+        return ZImageModel.from_pipeline(zimage_pipeline(tmp_path), height=16, width=16)
     if request.param == "wan":  # 5 frames: 2 latent frames; 16 text tokens keep it fast
         return WanModel.from_pipeline(wan_pipeline(tmp_path), height=16, width=16, num_frames=5,
                                       max_sequence_length=16)  # fmt: skip
@@ -707,3 +712,188 @@ def test_wan_sample_command_writes_a_gif_per_video(tmp_path, capsys):
         assert gif.n_frames == 9 and gif.size == (16, 16) and gif.info["duration"] == 100 and gif.info["loop"] == 0
     assert cli.main([*args[:-6], "--set", "model_args={num_frames: 8}", "--out", str(out)]) == 2
     assert "num_frames must be k * 4 + 1" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Z-Image: what the adapter must match of ZImagePipeline
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def zimage(tmp_path):
+    from tempflow.models.tiny import zimage_pipeline
+
+    pipe = zimage_pipeline(tmp_path)
+    return pipe, ZImageModel.from_pipeline(pipe, height=32, width=32)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 10, 50])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_zimage_grid_is_the_pipelines(steps, dynamic, zimage):
+    """The grid is what ZImagePipeline.__call__ sets on its scheduler: sigmas linspace(1, 1/T, T), Z-Image's static
+    shift 3 (or, with use_dynamic_shifting, mu of the image's tokens), then 0."""
+    from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
+
+    pipe, model = zimage
+    if dynamic:
+        pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config,
+                                                                               use_dynamic_shifting=True)  # fmt: skip
+        model = ZImageModel.from_pipeline(pipe, height=32, width=32)
+    mu = calculate_shift((model.h // 2) * (model.w // 2))
+    pipe.scheduler.set_timesteps(sigmas=get_default_z_image_sigmas(steps), mu=mu)
+    grid = model.time_grid(steps)
+    assert torch.equal(grid.sigmas, pipe.scheduler.sigmas)
+    assert torch.equal(grid.timesteps, pipe.scheduler.timesteps)
+    if not dynamic:  # without a pipeline: the published config (static shift 3)
+        pre = ZImageModel(pipe.transformer, pipe.vae, embeddings={"": torch.zeros(1, 16)}, height=32, width=32)
+        assert torch.equal(pre.time_grid(steps).sigmas, grid.sigmas)
+
+
+def test_zimage_tiny_pipeline_template_and_prompt_rows(zimage):
+    """Qwen3's chat template with thinking on; encode_prompt gives one tensor of valid tokens per prompt, which the
+    Conditioning holds zero-padded (with a mask) to the longer of the prompts' and the unconditional one's."""
+    pipe, model = zimage
+    text = pipe.tokenizer.apply_chat_template([{"role": "user", "content": "a cat"}], tokenize=False,
+                                              add_generation_prompt=True, enable_thinking=True)  # fmt: skip
+    assert text == "<|im_start|>user\na cat<|im_end|>\n<|im_start|>assistant\n"
+    long = "a very long prompt about a red fox jumping over the lazy brown dog in the snow"
+    rows = pipe.encode_prompt(["a cat", long], device="cpu", do_classifier_free_guidance=False)[0]
+    null = pipe.encode_prompt([""], device="cpu", do_classifier_free_guidance=False)[0][0]
+    cond = model.encode(["a cat", long])
+    n0, n1 = rows[0].shape[0], rows[1].shape[0]
+    assert cond.cond["hidden"].shape[1] == cond.null["hidden"].shape[1] == n1 > n0 > null.shape[0]
+    assert cond.cond["mask"].sum(1).tolist() == [n0, n1] and cond.null["mask"].sum().item() == null.shape[0]
+    assert torch.equal(cond.cond["hidden"][0, :n0], rows[0]) and not cond.cond["hidden"][0, n0:].any()
+    assert torch.equal(cond.cond["hidden"][1], rows[1]) and torch.equal(cond.null["hidden"][0, : null.shape[0]], null)
+    trimmed = ZImageModel.from_pipeline(pipe, height=32, width=32, max_sequence_length=6).encode([long])
+    assert trimmed.cond["hidden"].shape[1] == 6  # at most 6 tokens of the templated prompt kept
+    assert model.max_sequence_length == 512  # the pipeline's default
+
+
+def test_zimage_velocity_does_not_depend_on_the_padding(zimage):
+    pipe, model = zimage
+    long = "a very long prompt about a red fox jumping over the lazy brown dog in the snow"
+    short, padded = model.encode(["a cat"]), model.encode(["a cat", long])
+    assert short.cond["hidden"].shape[1] < padded.cond["hidden"].shape[1]
+    x = model.initial_latents(1, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for g in (1.0, 4.0):
+            a = model.velocity(x, 0.6, short, torch.tensor([0]), g)
+            b = model.velocity(x, 0.6, padded, torch.tensor([0]), g)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("guidance,normalization", [(1.0, 0.0), (3.0, 0.0), (5.0, 0.8)])
+def test_zimage_velocity_is_the_pipelines(zimage, guidance, normalization):
+    """velocity() is minus the transformer's output at time 1 - t, and with guidance g the pipeline's
+    ``pos + (g - 1)(pos - neg)`` (its guidance_scale is g - 1), renormalised as its cfg_normalization does."""
+    pipe, model = zimage
+    model.cfg_normalization = normalization
+    prompts = ["a cat", "Two DOGS, 7!", "a cat"]
+    x = model.initial_latents(3, torch.Generator().manual_seed(3))
+    t = torch.tensor(0.7)
+    with torch.no_grad():
+        ours = model.velocity(x, t, model.encode(prompts), torch.arange(3), guidance)
+        pos, neg = pipe.encode_prompt(list(prompts), device="cpu")
+        timestep = (1000 - (t * 1000).expand(3)) / 1000
+
+        def call(embeds):
+            out = pipe.transformer(list(x.unsqueeze(2).unbind(0)), timestep, embeds, return_dict=False)[0]
+            return torch.stack([o.float() for o in out]).squeeze(2)
+
+        expected = call(pos)
+        if guidance != 1:
+            neg_out, s = call(neg), guidance - 1
+            rows = []
+            for p_, n_ in zip(expected, neg_out, strict=True):
+                pred = p_ + s * (p_ - n_)
+                if normalization > 0 and pred.norm() > p_.norm() * normalization:
+                    pred = pred * (p_.norm() * normalization / pred.norm())
+                rows.append(pred)
+            expected = torch.stack(rows)
+    assert model.forward_rows(guidance) == (1 if guidance == 1 else 2)
+    torch.testing.assert_close(ours, -expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("guidance,normalization", [(1.0, 0.0), (3.0, 0.0), (4.0, 0.5)])
+def test_zimage_sampling_and_decoding_are_the_pipelines(zimage, guidance, normalization):
+    """ZImagePipeline.__call__ (guidance_scale g - 1, negative prompt "", its own grid) from the same initial
+    latents gives the latents and images of the adapter's Euler ODE sampling on its time grid, then decode()."""
+    pipe, model = zimage
+    model.cfg_normalization = normalization
+    prompts, steps = ["a cat", "Two DOGS, 7!"], 3
+    start = model.initial_latents(2, torch.Generator().manual_seed(11))
+    assert torch.equal(start, pipe.prepare_latents(2, 4, 32, 32, torch.float32, "cpu",
+                                                   torch.Generator().manual_seed(11)))  # fmt: skip
+    grid, cond = model.time_grid(steps), model.encode(prompts)
+    x = start
+    with torch.no_grad():
+        for k in range(steps):
+            x = sde.ode_step(x, model.velocity(x, grid.sigmas[k], cond, torch.arange(2), guidance), k, grid)
+        images = model.decode(x)
+    kwargs = {"height": 32, "width": 32, "num_inference_steps": steps, "guidance_scale": guidance - 1,
+              "cfg_normalization": normalization, "latents": start.clone()}  # fmt: skip
+    latents = pipe(list(prompts), **kwargs, output_type="latent").images  # the pipeline rewrites its prompt list
+    torch.testing.assert_close(x, latents, rtol=1e-5, atol=1e-6)
+    official = pipe(list(prompts), **kwargs, output_type="pt").images
+    assert images.shape == official.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(images, official, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.decode(latents), official, rtol=0, atol=0)
+
+
+def test_zimage_precomputed_embeddings_lora_and_clear_errors(zimage):
+    pipe, model = zimage
+    embeddings = {p: pipe.encode_prompt([p], device="cpu", do_classifier_free_guidance=False)[0][0]
+                  for p in ("a cat", "Two DOGS, 7!", "")}  # fmt: skip
+    pre = ZImageModel(pipe.transformer, pipe.vae, embeddings=embeddings, height=32, width=32)
+    x = model.initial_latents(2, torch.Generator().manual_seed(1))
+    index = torch.tensor([1, 0])
+    with torch.no_grad():
+        a = pre.velocity(x, 0.5, pre.encode(["a cat", "Two DOGS, 7!"]), index, 3.0)
+        b = model.velocity(x, 0.5, model.encode(["a cat", "Two DOGS, 7!"]), index, 3.0)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"one tensor hidden \(L_p, D\)"):
+        ZImageModel(pipe.transformer, pipe.vae, embeddings={"": embeddings[""][None]}).encode([""])
+    with pytest.raises(ValueError, match="multiples of 4"):
+        ZImageModel.from_pipeline(pipe, height=18, width=16)
+    with pytest.raises(ValueError, match="flash-attn 2.*takes no attention mask"):
+        ZImageModel.from_pipeline(pipe, height=16, width=16, attention="flash")
+    bad = diffusers.FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        ZImageModel(pipe.transformer, pipe.vae, pipeline=type("P", (), {"scheduler": bad})())
+    model.use_lora(rank=2, alpha=4)
+    names = [n for n, p in model.transformer.named_parameters() if p.requires_grad]
+    assert names and all("lora" in n for n in names)
+    assert {n.split(".lora")[0].split(".")[-1] for n in names} == {"to_q", "to_k", "to_v", "0"}
+    with torch.no_grad():
+        c = model.velocity(x, 0.5, model.encode(["a cat", "Two DOGS, 7!"]), index, 3.0)
+        with model.reference():
+            d = model.velocity(x, 0.5, model.encode(["a cat", "Two DOGS, 7!"]), index, 3.0)
+    torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-5)  # adapters start at zero
+    torch.testing.assert_close(d, b, rtol=1e-5, atol=1e-5)
+
+
+def test_zimage_folder_round_trip(tmp_path):
+    """`tempflow tiny-model zimage` writes a folder that load_model recognises as Z-Image and loads as the pipeline
+    it was saved from."""
+    import json
+
+    from tempflow import cli
+    from tempflow.models import detect_family, load_model
+    from tempflow.models.tiny import zimage_pipeline
+
+    folder = tmp_path / "zimage"
+    assert cli.main(["tiny-model", "zimage", str(folder)]) == 0
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "ZImagePipeline" and index["transformer"][1] == "ZImageTransformer2DModel"
+    assert detect_family(str(folder)).name == "zimage"
+    loaded = load_model(str(folder), height=16, width=16, dtype="fp32")
+    assert isinstance(loaded, ZImageModel) and loaded.max_sequence_length == 512
+    fresh = ZImageModel.from_pipeline(zimage_pipeline(tmp_path / "work"), height=16, width=16)
+    x = fresh.initial_latents(2, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a = loaded.velocity(x, 0.4, loaded.encode(["a cat", "a dog"]), torch.tensor([0, 1]), 3.0)
+        b = fresh.velocity(x, 0.4, fresh.encode(["a cat", "a dog"]), torch.tensor([0, 1]), 3.0)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert loaded.decode(x).shape == (2, 3, 16, 16)
+    assert loaded.pipeline.vae.dtype == torch.float32
