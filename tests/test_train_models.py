@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
     """Tiny random-weight SD3, FLUX, Qwen-Image and Wan pipeline folders, a tiny CLIP folder (PickScore's format),
     prompt files."""
     root = tmp_path_factory.mktemp("tiny")
-    out = {kind: save_tiny(kind, str(root / kind)) for kind in ("sd3", "flux", "qwenimage", "wan", "clip")}
+    out = {kind: save_tiny(kind, str(root / kind)) for kind in ("sd3", "flux", "qwenimage", "wan", "zimage", "clip")}
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     (root / "geneval.jsonl").write_text("\n".join(json.dumps(r) for r in GENEVAL) + "\n")
     out["txt"], out["jsonl"] = str(root / "prompts.txt"), str(root / "geneval.jsonl")
@@ -68,7 +68,7 @@ def check_run(out, model, prompts, part_names):
 
 
 @pytest.mark.parametrize("config", ["sd35m_pickscore.yaml", "sd35m_geneval_server.yaml", "flux_dev_hps.yaml",
-                                    "qwenimage_pickscore.yaml"])  # fmt: skip
+                                    "qwenimage_pickscore.yaml", "zimage_pickscore.yaml"])  # fmt: skip
 def test_example_config_on_a_tiny_model_of_its_family(config, tiny, tmp_path, capsys):
     path = os.path.join(CONFIGS, config)
     paper = TrainConfig.from_sources(path)
@@ -79,8 +79,9 @@ def test_example_config_on_a_tiny_model_of_its_family(config, tiny, tmp_path, ca
         32,
         64,
     )
-    assert paper.clip_eps == 1e-4 and paper.lr == 3e-4 and paper.max_sequence_length == 128
-    family = {"sd35m": "sd3", "flux": "flux", "qwenimage": "qwenimage"}[config.split("_")[0]]
+    family = {"sd35m": "sd3", "flux": "flux", "qwenimage": "qwenimage", "zimage": "zimage"}[config.split("_")[0]]
+    tokens = 0 if family == "zimage" else 128  # Z-Image: the family's own (512, the pipeline's; truncation only)
+    assert paper.clip_eps == 1e-4 and paper.lr == 3e-4 and paper.max_sequence_length == tokens
     out = str(tmp_path / "run")
     sets = [f"model={tiny[family]}", f"resolution={32 if family == 'sd3' else 16}", f"out={out}", *SIZES]
     server = None
@@ -221,6 +222,7 @@ def test_bf16_on_a_diffusers_model_loaded_in_fp32(tiny, tmp_path):
 ZERO3 = {  # family: its size and a reward for its samples (Wan's are videos)
     "sd3": ["resolution=32", "reward=jpeg-compressibility"],
     "qwenimage": ["resolution=16", "reward=jpeg-compressibility"],
+    "zimage": ["resolution=16", "reward=jpeg-compressibility"],
     "wan": ["resolution=16", "model_args={num_frames: 5}", "reward=temporal-consistency"],
 }
 
