@@ -19,6 +19,7 @@ from tempflow.models import load_model, tiny  # noqa: E402
 from tempflow.models.diffusers_models import FluxModel, SD3Model  # noqa: E402
 from tempflow.models.qwenimage import QwenImageModel  # noqa: E402
 from tempflow.models.wan import WanModel  # noqa: E402
+from tempflow.models.zimage import ZImageModel  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a cat", "Two DOGS, 7!", ""]  # upper case, punctuation and the empty prompt go through the tokenizers too
@@ -47,6 +48,9 @@ def encode(pipe):
             ]
         if isinstance(pipe, diffusers.QwenImagePipeline):  # hidden states of the valid tokens, and their mask
             return pipe.encode_prompt(PROMPTS, device="cpu", max_sequence_length=16)
+        if isinstance(pipe, diffusers.ZImagePipeline):  # one tensor of valid tokens per prompt
+            return pipe.encode_prompt(list(PROMPTS), device="cpu", max_sequence_length=16,
+                                      do_classifier_free_guidance=False)[0]  # fmt: skip
         if isinstance(pipe, diffusers.FluxPipeline):
             return pipe.encode_prompt(PROMPTS, PROMPTS, device="cpu", max_sequence_length=16)
         hidden, _, pooled, _ = pipe.encode_prompt(PROMPTS, PROMPTS, PROMPTS, device="cpu", max_sequence_length=16,
@@ -58,10 +62,12 @@ def modules(pipe):
     return {name: c for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
 
 
-@pytest.mark.parametrize("kind", ["sd3", "sd3-no-t5", "flux", "qwenimage", "wan"])
+@pytest.mark.parametrize("kind", ["sd3", "sd3-no-t5", "flux", "qwenimage", "wan", "zimage"])
 def test_saved_pipeline_reloads_as_the_one_in_memory(kind, saved, tmp_path):
     if kind == "wan":
         pipe, folder = tiny.wan_pipeline(tmp_path / "work"), saved["wan"]
+    elif kind == "zimage":
+        pipe, folder = tiny.zimage_pipeline(tmp_path / "work"), saved["zimage"]
     elif kind == "flux":
         pipe, folder = tiny.flux_pipeline(tmp_path / "work"), saved["flux"]
     elif kind == "qwenimage":
@@ -83,6 +89,9 @@ def test_saved_pipeline_reloads_as_the_one_in_memory(kind, saved, tmp_path):
         assert type(loaded.scheduler).__name__ == "UniPCMultistepScheduler"
         assert {k: loaded.scheduler.config[k] for k in tiny.WAN_SCHEDULER} == tiny.WAN_SCHEDULER
         assert (loaded.vae_scale_factor_temporal, loaded.vae_scale_factor_spatial) == (4, 4)
+    elif kind == "zimage":  # Z-Image: the scheduler config and the chat template survive the round trip
+        assert {k: loaded.scheduler.config[k] for k in tiny.ZIMAGE_SCHEDULER} == tiny.ZIMAGE_SCHEDULER
+        assert loaded.tokenizer.chat_template == tiny.QWEN3_CHAT_TEMPLATE
     else:  # Qwen-Image: the scheduler config and the tokenizer's special tokens survive the round trip
         assert {k: loaded.scheduler.config[k] for k in tiny.QWEN_SCHEDULER} == tiny.QWEN_SCHEDULER
         assert loaded.tokenizer.tokenize("<|im_start|>user\n") == ["<|im_start|>", "user", "\u010a"]
@@ -98,12 +107,13 @@ def test_saved_pipeline_reloads_as_the_one_in_memory(kind, saved, tmp_path):
         assert bool(hidden[:, 77:].abs().sum() > 0) == (kind == "sd3")
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux", "qwenimage", "wan"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "qwenimage", "wan", "zimage"])
 def test_load_model_takes_a_saved_folder(kind, saved):
-    size = {"sd3": 32, "flux": 16, "qwenimage": 16, "wan": 16}[kind]
+    size = {"sd3": 32, "flux": 16, "qwenimage": 16, "wan": 16, "zimage": 16}[kind]
     video = {"num_frames": 5} if kind == "wan" else {}
     model = load_model(str(saved[kind]), height=size, width=size, torch_dtype=torch.float32, **video)
-    assert isinstance(model, {"sd3": SD3Model, "flux": FluxModel, "qwenimage": QwenImageModel, "wan": WanModel}[kind])
+    classes = {"sd3": SD3Model, "flux": FluxModel, "qwenimage": QwenImageModel, "wan": WanModel, "zimage": ZImageModel}
+    assert isinstance(model, classes[kind])
     cond = model.encode(["a cat", "a dog"])
     x = torch.randn(2, *model.latent_shape)
     with torch.no_grad():
@@ -149,7 +159,7 @@ def test_the_seed_makes_the_weights(kind, saved, tmp_path):
 
 def test_save_tiny_refuses_what_it_should(tmp_path):
     with pytest.raises(
-        ValueError, match="unknown tiny model kind 'sdxl': choose one of sd3, flux, qwenimage, wan, clip"
+        ValueError, match="unknown tiny model kind 'sdxl': choose one of sd3, flux, qwenimage, wan, zimage, clip"
     ):
         tiny.save_tiny("sdxl", str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
