@@ -8,8 +8,9 @@ Every family takes the same loading options: ``device``, ``dtype`` (the denoiser
 fp32 | bf16 | fp16; trainable LoRA weights are made fp32 by the trainer), ``height`` / ``width`` (None: the
 model's own default size), ``attention`` (sdpa | xformers | flash) and ``max_sequence_length`` (T5 tokens;
 Qwen-Image: the most prompt tokens kept; Wan: the UMT5 length prompts are zero-padded to, 512 as Wan is used;
-families without either ignore it). A family's own options go through as keyword arguments (Wan: ``num_frames``,
-``negative_prompt``, ``flow_shift``).
+Z-Image: the most templated prompt tokens kept, 512 as its pipeline; families without either ignore it). A
+family's own options go through as keyword arguments (Wan: ``num_frames``, ``negative_prompt``, ``flow_shift``;
+Z-Image: ``cfg_normalization``).
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def load_model(spec: str = "digits", device="cpu", dtype="fp32", height: int | N
                attention: str = "sdpa", max_sequence_length: int | None = None, **kwargs) -> FlowModel:  # fmt: skip
     """``"digits"`` (the embedded default) or a local diffusers folder of a registered family. ``dtype``: fp32 |
     bf16 | fp16 or a torch dtype; ``max_sequence_length`` None: the family's own (128 for SD3, FLUX and Qwen-Image,
-    512 for Wan); other keyword arguments go to the family's loader."""
+    512 for Wan and Z-Image); other keyword arguments go to the family's loader."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")

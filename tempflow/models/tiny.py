@@ -18,8 +18,10 @@ embedding of 2x2 patches), FLUX any size that is a multiple of 2 (16x16 keeps it
 halves the image size (the real one divides it by 8), so its images are multiples of 4 (16x16: 16 tokens). The tiny
 Wan VAE divides the size by 4 (the real one by 8) and, as the real one, compresses 4 frames into one after the first,
 so its videos are multiples of 8 a side with 4k+1 frames (``load_model(FOLDER, height=16, width=16, num_frames=5)``).
+The tiny Z-Image VAE halves the image size (the real one divides it by 8), so its images are multiples of 4.
 
-In Python, :func:`sd3_pipeline`, :func:`flux_pipeline`, :func:`qwenimage_pipeline` and :func:`wan_pipeline` return
+In Python, :func:`sd3_pipeline`, :func:`flux_pipeline`, :func:`qwenimage_pipeline`, :func:`wan_pipeline` and
+:func:`zimage_pipeline` return
 the pipelines in memory and :func:`save_tiny` writes a folder. The same seed gives the same weights.
 """
 
@@ -399,9 +401,9 @@ def _save_clip(folder: str, workdir: str, seed: int) -> None:
 
 def save_tiny(kind: str, folder: str, seed: int = 0) -> str:
     """Write a tiny random-weight model of ``kind`` (one of :data:`KINDS`) to ``folder``, which is created and must
-    not exist or be empty. ``"sd3"`` (with T5, as SD3.5), ``"flux"``, ``"qwenimage"`` and ``"wan"``: a diffusers
-    pipeline folder (load it with ``tempflow.models.load_model(folder, ...)``); ``"clip"``: a transformers CLIPModel +
-    CLIPProcessor folder (for ``PickScore(folder)`` or ``Aesthetic(folder, head)``). Returns ``folder``."""
+    not exist or be empty. ``"sd3"`` (with T5, as SD3.5), ``"flux"``, ``"qwenimage"``, ``"wan"`` and ``"zimage"``: a
+    diffusers pipeline folder (load it with ``tempflow.models.load_model(folder, ...)``); ``"clip"``: a transformers
+    CLIPModel + CLIPProcessor folder (for ``PickScore(folder)`` or ``Aesthetic(folder, head)``). Returns ``folder``."""
     if kind not in KINDS:
         raise ValueError(f"unknown tiny model kind {kind!r}: choose one of {', '.join(KINDS)}")
     folder = os.fspath(folder)
