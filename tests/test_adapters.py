@@ -897,3 +897,31 @@ def test_zimage_folder_round_trip(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert loaded.decode(x).shape == (2, 3, 16, 16)
     assert loaded.pipeline.vae.dtype == torch.float32
+
+
+def test_zimage_rollout_starts_from_the_pipelines_latents_in_pairs_of_rows(zimage):
+    """The rollout starts from the latents ZImagePipeline.prepare_latents draws (fp32, whatever the weights'); with
+    guidance a sample forwards a pair of rows, without it one, and no forward exceeds max_batch rows."""
+    from tempflow.rollout import BranchPlan, RolloutConfig, rollout
+
+    pipe, model = zimage
+
+    def reward(images, prompts, metadata):
+        return images.float().mean(dim=(1, 2, 3))
+
+    for guidance, per in ((3.0, 2), (1.0, 1)):
+        rows = []
+        model.forward_velocity = _counting(ZImageModel.forward_velocity.__get__(model), rows)
+        cfg = RolloutConfig(plan=BranchPlan.tempflow(3, 2), seeds_per_prompt=2, guidance=guidance, max_batch=5)
+        stats = {}
+        batch = rollout(model, ["a cat", "a dog"], reward, cfg, generator=torch.Generator().manual_seed(9),
+                        stats=stats)  # fmt: skip
+        start = pipe.prepare_latents(4, 4, 32, 32, torch.float32, "cpu", torch.Generator().manual_seed(9))
+        assert torch.equal(batch.state[(batch.step == 0) & (batch.branch == 0)], start)
+        assert max(rows) == stats["largest_batch"] == (5 // per) * per
+    model.transformer.to(torch.bfloat16)
+    x = model.initial_latents(2, torch.Generator().manual_seed(0))
+    assert x.dtype == torch.float32  # the pipeline draws in fp32
+    with torch.no_grad():
+        for g in (1.0, 3.0):
+            assert model.velocity(x, 0.5, model.encode(["a cat"]), torch.tensor([0, 0]), g).dtype == torch.float32

@@ -20,7 +20,8 @@ Conventions, each as ``ZImagePipeline`` (diffusers 0.42) computes it:
   padding;
 * time and sign: the transformer is given ``timestep = 1 - t`` (the pipeline passes ``(1000 - 1000 t) / 1000``,
   and so does this adapter) and predicts the *negated* velocity: the pipeline steps the scheduler with
-  ``-output``. This adapter returns ``-output``, i.e. ``v = noise - x0`` for ``x_t = (1 - t) x0 + t noise``;
+  ``-output`` (cast to fp32 first). This adapter returns ``-output`` in fp32, i.e. ``v = noise - x0`` for
+  ``x_t = (1 - t) x0 + t noise``;
 * guidance: the pipeline's ``pred = v_c + s (v_c - v_u)`` with ``guidance_scale`` s (0 turns it off) is
   ``v_u + g (v_c - v_u)`` with ``g = s + 1``: tempflow's ``guidance`` g is the pipeline's ``guidance_scale`` + 1
   (g = 1 skips the unconditional half, as the pipeline's s = 0 does). ``cfg_normalization`` c > 0 (the pipeline's
@@ -116,7 +117,7 @@ class ZImageModel(_DiffusersModel):
         caps = [h[m].to(dtype) for h, m in zip(cond["hidden"], valid, strict=True)]
         t_model = (1000 - (t.float() * 1000)) / 1000  # the pipeline's (1000 - timestep) / 1000
         out = self.transformer(list(x.to(dtype).unsqueeze(2).unbind(0)), t_model, caps, return_dict=False)[0]
-        return -torch.stack(out).squeeze(2)  # the pipeline steps with -output
+        return -torch.stack(out).squeeze(2).float()  # the pipeline steps with -output, in fp32
 
     def guide(self, v_u, v_c, g):
         """``v_u + g (v_c - v_u)`` (the pipeline's ``v_c + (g - 1)(v_c - v_u)``), in fp32 as the pipeline; with
