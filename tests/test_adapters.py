@@ -815,12 +815,13 @@ def test_zimage_velocity_is_the_pipelines(zimage, guidance, normalization):
     torch.testing.assert_close(ours, -expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("guidance,normalization", [(1.0, 0.0), (3.0, 0.0), (4.0, 0.5)])
-def test_zimage_sampling_and_decoding_are_the_pipelines(zimage, guidance, normalization):
+@pytest.mark.parametrize("guidance,normalization,truncation", [(1.0, 0.0, 1.0), (3.0, 0.0, 1.0), (4.0, 0.5, 1.0),
+                                                                (3.0, 0.0, 0.3), (3.0, 0.8, 0.0)])  # fmt: skip
+def test_zimage_sampling_and_decoding_are_the_pipelines(zimage, guidance, normalization, truncation):
     """ZImagePipeline.__call__ (guidance_scale g - 1, negative prompt "", its own grid) from the same initial
     latents gives the latents and images of the adapter's Euler ODE sampling on its time grid, then decode()."""
     pipe, model = zimage
-    model.cfg_normalization = normalization
+    model.cfg_normalization, model.cfg_truncation = normalization, truncation
     prompts, steps = ["a cat", "Two DOGS, 7!"], 3
     start = model.initial_latents(2, torch.Generator().manual_seed(11))
     assert torch.equal(start, pipe.prepare_latents(2, 4, 32, 32, torch.float32, "cpu",
@@ -832,7 +833,7 @@ def test_zimage_sampling_and_decoding_are_the_pipelines(zimage, guidance, normal
             x = sde.ode_step(x, model.velocity(x, grid.sigmas[k], cond, torch.arange(2), guidance), k, grid)
         images = model.decode(x)
     kwargs = {"height": 32, "width": 32, "num_inference_steps": steps, "guidance_scale": guidance - 1,
-              "cfg_normalization": normalization, "latents": start.clone()}  # fmt: skip
+              "cfg_normalization": normalization, "cfg_truncation": truncation, "latents": start.clone()}  # fmt: skip
     latents = pipe(list(prompts), **kwargs, output_type="latent").images  # the pipeline rewrites its prompt list
     torch.testing.assert_close(x, latents, rtol=1e-5, atol=1e-6)
     official = pipe(list(prompts), **kwargs, output_type="pt").images
@@ -925,3 +926,20 @@ def test_zimage_rollout_starts_from_the_pipelines_latents_in_pairs_of_rows(zimag
     with torch.no_grad():
         for g in (1.0, 3.0):
             assert model.velocity(x, 0.5, model.encode(["a cat"]), torch.tensor([0, 0]), g).dtype == torch.float32
+
+
+def test_zimage_cfg_truncation_is_per_sample(zimage):
+    """With cfg_truncation, a batch of samples at different times guides those before the cut and not those after
+    it, each as alone; guidance off altogether past the cut."""
+    pipe, model = zimage
+    model.cfg_truncation = 0.3
+    cond = model.encode(["a cat", "a dog"])
+    x = model.initial_latents(3, torch.Generator().manual_seed(4))
+    t, index = torch.tensor([0.9, 0.5, 0.8]), torch.tensor([0, 1, 1])  # normalised times 0.1, 0.5, 0.2
+    with torch.no_grad():
+        both = model.velocity(x, t, cond, index, 3.0)
+        alone = torch.cat([model.velocity(x[i : i + 1], t[i], cond, index[i : i + 1], 3.0) for i in range(3)])
+        plain = model.velocity(x, t, cond, index, 1.0)
+    torch.testing.assert_close(both, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both[1], plain[1], rtol=1e-5, atol=1e-5)  # past the cut: unguided
+    assert not torch.allclose(both[0], plain[0])

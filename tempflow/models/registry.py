@@ -10,7 +10,7 @@ model's own default size), ``attention`` (sdpa | xformers | flash) and ``max_seq
 Qwen-Image: the most prompt tokens kept; Wan: the UMT5 length prompts are zero-padded to, 512 as Wan is used;
 Z-Image: the most templated prompt tokens kept, 512 as its pipeline; families without either ignore it). A
 family's own options go through as keyword arguments (Wan: ``num_frames``, ``negative_prompt``, ``flow_shift``;
-Z-Image: ``cfg_normalization``).
+Z-Image: ``cfg_normalization``, ``cfg_truncation``).
 """
 
 from __future__ import annotations

@@ -26,8 +26,9 @@ Conventions, each as ``ZImagePipeline`` (diffusers 0.42) computes it:
   ``v_u + g (v_c - v_u)`` with ``g = s + 1``: tempflow's ``guidance`` g is the pipeline's ``guidance_scale`` + 1
   (g = 1 skips the unconditional half, as the pipeline's s = 0 does). ``cfg_normalization`` c > 0 (the pipeline's
   option, off by default) rescales a sample's guided velocity to at most c times the conditional one's norm over the
-  whole latent (:meth:`ZImageModel.guide`). The pipeline's ``cfg_truncation`` (off at its default 1.0) is not
-  supported;
+  whole latent (:meth:`ZImageModel.guide`). ``cfg_truncation`` c (the pipeline's option, off at its default 1.0):
+  where the normalised time ``(1000 - 1000 t) / 1000`` exceeds c, the sample goes unguided (the conditional
+  velocity alone, one forward row), per sample where the pipeline decides per step (:meth:`ZImageModel.velocity`);
 * grid: the pipeline's sigmas ``linspace(1, 1/T, T)`` through its scheduler: a static ``shift`` (Z-Image's config:
   3.0), or, with ``use_dynamic_shifting``, FLUX's ``mu`` of the image's ``(h/2)(w/2)`` tokens;
 * decode: ``z / scaling_factor + shift_factor`` (the VAE config's), the AutoencoderKL's decode, [-1, 1] to [0, 1].
@@ -50,14 +51,16 @@ ZIMAGE_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 class ZImageModel(_DiffusersModel):
     """Z-Image: latents ``(C, H/8, W/8)``, variable-length prompt embeddings with a mask, the negated-velocity
     output at time ``1 - t``, classifier-free guidance with the optional ``cfg_normalization`` and the time grid of
-    the pipeline's scheduler config (without a pipeline: a static shift of 3). ``guidance``: tempflow's, the
+    the pipeline's scheduler config (without a pipeline: a static shift of 3). ``cfg_normalization`` and
+    ``cfg_truncation``: the pipeline's options of those names (off by default). ``guidance``: tempflow's, the
     pipeline's ``guidance_scale`` + 1 (default 1: no CFG, as Z-Image-Turbo is run; Z-Image's pipeline default 5.0 is
     ``guidance=6``). ``max_sequence_length``: at most that many tokens of the templated prompt are kept (default 512,
     the pipeline's; the transformer sees the valid tokens only, so a longer limit costs nothing for short prompts)."""
 
     embedding_format = "hidden (L_p, D), the prompt's valid tokens"
 
-    def __init__(self, transformer, vae=None, guidance: float = 1.0, cfg_normalization: float = 0.0, **kwargs):
+    def __init__(self, transformer, vae=None, guidance: float = 1.0, cfg_normalization: float = 0.0,
+                 cfg_truncation: float = 1.0, **kwargs):  # fmt: skip
         patch = tuple(getattr(transformer.config, "all_patch_size", (2,)))
         if 2 not in patch or getattr(transformer.config, "siglip_feat_dim", None):
             raise ValueError("this ZImageTransformer2DModel has no 2x2 patch embedder or is the Omni variant (SigLIP "
@@ -66,6 +69,7 @@ class ZImageModel(_DiffusersModel):
         kwargs.setdefault("max_sequence_length", 512)  # the pipeline's (it keeps the valid tokens: no padding cost)
         super().__init__(transformer, vae, guidance=guidance, **kwargs)
         self.cfg_normalization = float(cfg_normalization)
+        self.cfg_truncation = float(cfg_truncation)
         self.channels = transformer.config.in_channels
         self.h, self.w = self.height // self.vae_scale, self.width // self.vae_scale
         self.latent_shape = (self.channels, self.h, self.w)
@@ -118,6 +122,25 @@ class ZImageModel(_DiffusersModel):
         t_model = (1000 - (t.float() * 1000)) / 1000  # the pipeline's (1000 - timestep) / 1000
         out = self.transformer(list(x.to(dtype).unsqueeze(2).unbind(0)), t_model, caps, return_dict=False)[0]
         return -torch.stack(out).squeeze(2).float()  # the pipeline steps with -output, in fp32
+
+    def velocity(self, x, t, cond, index, guidance=None):
+        """The base class's guided velocity, except that with ``cfg_truncation`` c < 1 the samples whose normalised
+        time ``(1000 - 1000 t) / 1000`` exceeds c (late steps) take the conditional velocity alone, as the pipeline
+        turns guidance off there; only the others forward the unconditional half."""
+        g = self.default_guidance if guidance is None else float(guidance)
+        if g == 1.0 or self.cfg_truncation >= 1.0:
+            return super().velocity(x, t, cond, index, g)
+        b = x.shape[0]
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
+        late = (1000 - t * 1000) / 1000 > self.cfg_truncation  # the pipeline's _precomputed_t_norms > cfg_truncation
+        if not late.any():
+            return super().velocity(x, t, cond, index, g)
+        if late.all():
+            return super().velocity(x, t, cond, index, 1.0)
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        for rows, scale in ((late, 1.0), (~late, g)):
+            out[rows] = super().velocity(x[rows], t[rows], cond, index.to(x.device)[rows], scale)
+        return out
 
     def guide(self, v_u, v_c, g):
         """``v_u + g (v_c - v_u)`` (the pipeline's ``v_c + (g - 1)(v_c - v_u)``), in fp32 as the pipeline; with
