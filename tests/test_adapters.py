@@ -862,6 +862,11 @@ def test_zimage_precomputed_embeddings_lora_and_clear_errors(zimage):
     bad = diffusers.FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
     with pytest.raises(ValueError, match="use_karras_sigmas"):
         ZImageModel(pipe.transformer, pipe.vae, pipeline=type("P", (), {"scheduler": bad})())
+    omni = diffusers.ZImageTransformer2DModel(in_channels=4, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2,
+                                              n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6],
+                                              axes_lens=[256, 32, 32], siglip_feat_dim=8)  # fmt: skip
+    with pytest.raises(ValueError, match="Omni variant"):
+        ZImageModel(omni, pipe.vae, pipeline=pipe)
     model.use_lora(rank=2, alpha=4)
     names = [n for n, p in model.transformer.named_parameters() if p.requires_grad]
     assert names and all("lora" in n for n in names)
@@ -898,6 +903,10 @@ def test_zimage_folder_round_trip(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert loaded.decode(x).shape == (2, 3, 16, 16)
     assert loaded.pipeline.vae.dtype == torch.float32
+    index["_class_name"] = "ZImageImg2ImgPipeline"  # same transformer class, prompts take an image: refused by name
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="ZImageImg2ImgPipeline with transformer ZImageTransformer2DModel"):
+        load_model(str(folder))
 
 
 def test_zimage_rollout_starts_from_the_pipelines_latents_in_pairs_of_rows(zimage):
