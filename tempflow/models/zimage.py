@@ -76,7 +76,15 @@ class ZImageModel(_DiffusersModel):
         scheduler = getattr(self.pipeline, "scheduler", None)
         self.schedule = _schedule(getattr(scheduler, "config", None))
 
-    _set_attention = staticmethod(QwenImageModel._set_attention)  # the padded batch needs a masked attention
+    @staticmethod
+    def _set_attention(transformer, attention: str) -> None:
+        """Z-Image's transformer pads each sample's text and image tokens to the batch's longest and masks the rest
+        in attention (diffusers' attention dispatcher): ``sdpa`` or ``xformers`` (whose dispatcher backend takes the
+        mask); ``flash`` (flash-attn 2 takes no mask) refused."""
+        if attention == "flash":
+            raise ValueError("attention='flash' (flash-attn 2) takes no attention mask, which Z-Image's batches of "
+                             "prompts of different lengths need; use attention='sdpa' or 'xformers'")  # fmt: skip
+        QwenImageModel._set_attention(transformer, attention)  # xformers through the dispatcher, as Qwen-Image
 
     def native_resolution(self) -> int:
         return 1024  # ZImagePipeline: height = height or 1024
