@@ -35,10 +35,10 @@ GENEVAL = [
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """Tiny random-weight SD3, FLUX, Qwen-Image and Wan pipeline folders, a tiny CLIP folder (PickScore's format),
-    prompt files."""
+    """Tiny random-weight SD3, FLUX, Qwen-Image, Wan and FLUX.2 pipeline folders, a tiny CLIP folder (PickScore's
+    format), prompt files."""
     root = tmp_path_factory.mktemp("tiny")
-    out = {kind: save_tiny(kind, str(root / kind)) for kind in ("sd3", "flux", "qwenimage", "wan", "clip")}
+    out = {kind: save_tiny(kind, str(root / kind)) for kind in ("sd3", "flux", "qwenimage", "wan", "flux2", "clip")}
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     (root / "geneval.jsonl").write_text("\n".join(json.dumps(r) for r in GENEVAL) + "\n")
     out["txt"], out["jsonl"] = str(root / "prompts.txt"), str(root / "geneval.jsonl")
@@ -159,7 +159,7 @@ def test_wan_example_config_on_the_tiny_wan_model(tiny, tmp_path):
 
 def test_flux2_example_config_on_the_tiny_flux2_model(tiny, tmp_path):
     """configs/flux2_dev_pickscore.yaml (the paper's algorithm settings, FLUX.2-dev's guidance embedding and prompt
-    length) for 2 iterations on the tiny FLUX.2 model (written here), then `tempflow eval` on the run."""
+    length) for 2 iterations on the tiny FLUX.2 model, then `tempflow eval` on the run."""
     path = os.path.join(CONFIGS, "flux2_dev_pickscore.yaml")
     paper = TrainConfig.from_sources(path)
     assert (paper.steps, paper.branches, paper.seeds_per_prompt, paper.lora_rank, paper.lora_alpha) == (
@@ -171,7 +171,7 @@ def test_flux2_example_config_on_the_tiny_flux2_model(tiny, tmp_path):
     )
     assert paper.clip_eps == 1e-4 and paper.lr == 3e-4 and paper.guidance == 4.0 and paper.dtype == "bf16"
     assert paper.max_sequence_length == 512 and set(paper.reward) == {"pickscore"}
-    folder = save_tiny("flux2", str(tmp_path / "flux2"))
+    folder = tiny["flux2"]
     out = str(tmp_path / "run")
     # 64 prompt tokens: the tiny tokenizer's chat template takes 26 (SIZES' 16 would cut the prompt off)
     sets = [f"model={folder}", "resolution=16", f"out={out}", f"prompts={tiny['txt']}", f"eval_prompts={tiny['txt']}",
@@ -251,6 +251,7 @@ ZERO3 = {  # family: its size and a reward for its samples (Wan's are videos)
     "sd3": ["resolution=32", "reward=jpeg-compressibility"],
     "qwenimage": ["resolution=16", "reward=jpeg-compressibility"],
     "wan": ["resolution=16", "model_args={num_frames: 5}", "reward=temporal-consistency"],
+    "flux2": ["resolution=16", "reward=jpeg-compressibility"],  # SIZES' 16 tokens: the chat template only
 }
 
 
