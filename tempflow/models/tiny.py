@@ -1,6 +1,6 @@
 """Tiny random-weight models of the real architectures, built offline in a second: SD3 / SD3.5, FLUX.1-dev,
-Qwen-Image and Wan 2.1 text-to-video diffusers pipelines, and a transformers CLIP model (what the PickScore and
-Aesthetic rewards load).
+Qwen-Image, Wan 2.1 text-to-video and FLUX.2-dev diffusers pipelines, and a transformers CLIP model (what the
+PickScore and Aesthetic rewards load).
 
 They are for trying tempflow's diffusers code paths on a machine without a GPU, without downloading gigabytes from a
 model hub (nothing here touches the network), and for tests. The architectures, configs, tokenizers and folder
@@ -18,9 +18,12 @@ embedding of 2x2 patches), FLUX any size that is a multiple of 2 (16x16 keeps it
 halves the image size (the real one divides it by 8), so its images are multiples of 4 (16x16: 16 tokens). The tiny
 Wan VAE divides the size by 4 (the real one by 8) and, as the real one, compresses 4 frames into one after the first,
 so its videos are multiples of 8 a side with 4k+1 frames (``load_model(FOLDER, height=16, width=16, num_frames=5)``).
+The tiny FLUX.2 VAE halves the image size (the real one divides it by 8), so its images are multiples of 4; its
+prompts take 26 tokens of chat template before the prompt (``max_sequence_length=64`` keeps tests fast).
 
-In Python, :func:`sd3_pipeline`, :func:`flux_pipeline`, :func:`qwenimage_pipeline` and :func:`wan_pipeline` return
-the pipelines in memory and :func:`save_tiny` writes a folder. The same seed gives the same weights.
+In Python, :func:`sd3_pipeline`, :func:`flux_pipeline`, :func:`qwenimage_pipeline`, :func:`wan_pipeline` and
+:func:`flux2_pipeline` return the pipelines in memory and :func:`save_tiny` writes a folder. The same seed gives the
+same weights.
 """
 
 from __future__ import annotations
