@@ -806,8 +806,11 @@ def test_flux2_lora_targets_precomputed_embeddings_and_clear_errors(flux2, tmp_p
                                               axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)  # fmt: skip
     with pytest.raises(ValueError, match="guidance_embeds=False"):
         Flux2Model(klein, pipe.vae, pipeline=pipe)
-    pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config,
-                                                                           use_dynamic_shifting=False)  # fmt: skip
+    config = pipe.scheduler.config
+    pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config, shift_terminal=0.05)
+    stretched = Flux2Model.from_pipeline(pipe, height=16, width=16)
+    assert torch.equal(stretched.time_grid(4).sigmas, sde.flux2_time_grid(4, 16, shift_terminal=0.05).sigmas)
+    pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config, use_dynamic_shifting=False)
     with pytest.raises(ValueError, match="use_dynamic_shifting=False"):
         Flux2Model.from_pipeline(pipe, height=16, width=16)
 
