@@ -19,7 +19,8 @@ from tempflow.models.wan import WanModel  # noqa: E402
 
 # each diffusers family: its tiny pipeline, adapter, a test size, and the rows one guided sample forwards
 FAMILIES = {"sd3": (sd3_pipeline, SD3Model, 32, 2), "flux": (flux_pipeline, FluxModel, 16, 1),
-            "qwenimage": (qwenimage_pipeline, QwenImageModel, 16, 2)}  # fmt: skip
+            "qwenimage": (qwenimage_pipeline, QwenImageModel, 16, 2),
+            "flux2": (flux2_pipeline, Flux2Model, 16, 1)}  # fmt: skip
 
 
 @pytest.fixture(params=["sd3", "flux", "qwenimage", "wan", "flux2", "digits"])
@@ -156,7 +157,7 @@ def test_bad_setup_gives_clear_errors(tmp_path):
             SD3Model.from_pipeline(pipe, height=32, width=32, attention="flash")
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "qwenimage"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwenimage", "flux2"])
 def test_sample_command_on_a_local_diffusers_folder(family, tmp_path, capsys):
     from tempflow import cli
 
@@ -190,7 +191,7 @@ def test_max_sequence_length_reaches_encode_prompt(build, tmp_path):
         assert cond.cond["hidden"].shape[1] == clip + tokens and cond.null["hidden"].shape[1] == clip + tokens
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "qwenimage"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwenimage", "flux2"])
 def test_initial_latents_are_the_pipelines_own(family, tmp_path):
     """A generator gives bit for bit the latents the diffusers pipeline's prepare_latents draws (shape, order and
     dtype; packed for FLUX and Qwen-Image), for one generator and for a list of them (one per image)."""
@@ -214,7 +215,8 @@ def test_initial_latents_are_the_pipelines_own(family, tmp_path):
 
 def test_rollout_from_a_generator_and_rows_per_forward(tmp_path):
     """The rollout's main paths start from the pipeline's latents; SD3's CFG and Qwen-Image's true CFG forward pairs
-    of rows, FLUX.1-dev's guidance embedding one row per sample, and no forward exceeds max_batch rows."""
+    of rows, FLUX.1-dev's and FLUX.2-dev's guidance embedding one row per sample, and no forward exceeds max_batch
+    rows."""
     from tempflow.rollout import BranchPlan, RolloutConfig, rollout
 
     def reward(images, prompts, metadata):
