@@ -5,7 +5,7 @@ tempflow train         TempFlow-GRPO / Flow-GRPO: the embedded default with no a
 tempflow eval          held-out rewards of a run's base, final and EMA weights side by side
 tempflow sample        a PNG grid of samples of a model or a run
 tempflow serve-reward  serve a reward over HTTP (loopback by default) to trainers in other processes or machines
-tempflow tiny-model    write a tiny random-weight SD3 / FLUX / Qwen-Image / Wan / CLIP folder to try offline
+tempflow tiny-model    write a tiny random-weight SD3 / FLUX / Qwen-Image / Wan / FLUX.2 / CLIP folder to try offline
 tempflow pretrain      rebuild the embedded default's weights or its digit classifier
 tempflow demo          sample an analytic Gaussian-mixture flow with the ODE and each SDE schedule and check them
 tempflow doctor        what is installed and built, which backends serve which device, and why one is missing
@@ -459,10 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=cmd_serve_reward)
 
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight SD3 / FLUX / Qwen-Image / Wan / Z-Image / "
-                          "CLIP folder (offline tries)")  # fmt: skip
-    tiny.add_argument("kind", choices=["sd3", "flux", "qwenimage", "wan", "zimage", "clip"], help="sd3 | flux | "
-                      "qwenimage | wan | zimage (diffusers pipelines) | clip (a CLIPModel folder, e.g. for "
-                      "pickscore)")  # fmt: skip
+                          "FLUX.2 / CLIP folder (offline tries)")  # fmt: skip
+    tiny.add_argument("kind", choices=["sd3", "flux", "qwenimage", "wan", "zimage", "flux2", "clip"], help="sd3 | "
+                      "flux | qwenimage | wan | zimage | flux2 (diffusers pipelines) | clip (a CLIPModel folder, e.g. "
+                      "for pickscore)")  # fmt: skip
     tiny.add_argument("folder", help="where to write it (must not exist or be empty)")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     tiny.set_defaults(func=cmd_tiny_model)

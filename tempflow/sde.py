@@ -232,6 +232,30 @@ def qwenimage_time_grid(num_steps: int, image_seq_len: int, device=None, **overr
     return flux_time_grid(num_steps, image_seq_len, device=device, **{**QWENIMAGE_SHIFT, **overrides})
 
 
+def flux2_mu(image_seq_len: int, num_steps: int) -> float:
+    """FLUX.2's empirical shift (diffusers' ``compute_empirical_mu``, from black-forest-labs/flux2): linear in the
+    image token count and, below 4300 tokens, also in the number of steps (fitted at 10 and 200 steps)."""
+    a1, b1 = 8.73809524e-05, 1.89833333
+    a2, b2 = 0.00016927, 0.45666666
+    if image_seq_len > 4300:
+        return float(a2 * image_seq_len + b2)
+    m_200 = a2 * image_seq_len + b2
+    m_10 = a1 * image_seq_len + b1
+    a = (m_200 - m_10) / 190.0
+    b = m_200 - 200.0 * a
+    return float(a * num_steps + b)
+
+
+def flux2_time_grid(num_steps: int, image_seq_len: int, device=None, shift_terminal: float | None = None) -> TimeGrid:
+    """The FLUX.2 pipeline's grid: ``s = linspace(1, 1/T, T)`` with the exponential dynamic shift of
+    :func:`flux2_mu` (``mu`` depends on the token count and on T; 4096 tokens at 1024 px), as ``Flux2Pipeline``
+    passes them to its ``FlowMatchEulerDiscreteScheduler``. ``shift_terminal``: a scheduler config's
+    (:func:`time_grid`)."""
+    s = np.linspace(1.0, 1 / num_steps, num_steps)
+    return time_grid(num_steps, mu=flux2_mu(image_seq_len, num_steps), sigmas=s, shift_terminal=shift_terminal,
+                     device=device)  # fmt: skip
+
+
 def wan_time_grid(num_steps: int, flow_shift: float = 5.0, num_train_timesteps: int = 1000, device=None) -> TimeGrid:
     """The grid of Wan's shipped scheduler, ``UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=...)`` after
     ``set_timesteps(num_steps)``: ``s`` evenly spaced from 1 to ``1/num_train_timesteps`` over ``num_steps + 1``

@@ -12,17 +12,19 @@ transformers = pytest.importorskip("transformers")
 from tempflow import sde  # noqa: E402
 from tempflow.models import digits as dg  # noqa: E402
 from tempflow.models.diffusers_models import FluxModel, SD3Model, set_attention  # noqa: E402
+from tempflow.models.flux2 import Flux2Model  # noqa: E402
 from tempflow.models.qwenimage import QwenImageModel  # noqa: E402
-from tempflow.models.tiny import flux_pipeline, qwenimage_pipeline, sd3_pipeline, wan_pipeline  # noqa: E402
+from tempflow.models.tiny import flux2_pipeline, flux_pipeline, qwenimage_pipeline, sd3_pipeline, wan_pipeline  # noqa: E402
 from tempflow.models.wan import WanModel  # noqa: E402
 from tempflow.models.zimage import ZImageModel  # noqa: E402
 
 # each diffusers family: its tiny pipeline, adapter, a test size, and the rows one guided sample forwards
 FAMILIES = {"sd3": (sd3_pipeline, SD3Model, 32, 2), "flux": (flux_pipeline, FluxModel, 16, 1),
-            "qwenimage": (qwenimage_pipeline, QwenImageModel, 16, 2)}  # fmt: skip
+            "qwenimage": (qwenimage_pipeline, QwenImageModel, 16, 2),
+            "flux2": (flux2_pipeline, Flux2Model, 16, 1)}  # fmt: skip
 
 
-@pytest.fixture(params=["sd3", "flux", "qwenimage", "wan", "zimage", "digits"])
+@pytest.fixture(params=["sd3", "flux", "qwenimage", "wan", "zimage", "flux2", "digits"])
 def adapter(request, tmp_path):
     if request.param == "sd3":
         return SD3Model.from_pipeline(sd3_pipeline(tmp_path, t5=False), height=32, width=32)
@@ -30,13 +32,15 @@ def adapter(request, tmp_path):
         return FluxModel.from_pipeline(flux_pipeline(tmp_path), height=16, width=16, max_sequence_length=16)
     if request.param == "qwenimage":
         return QwenImageModel.from_pipeline(qwenimage_pipeline(tmp_path), height=16, width=16)
+    if request.param == "wan":  # 5 frames: 2 latent frames; 16 text tokens keep it fast
+        return WanModel.from_pipeline(wan_pipeline(tmp_path), height=16, width=16, num_frames=5,
+                                      max_sequence_length=16)  # fmt: skip
     if request.param == "zimage":
         from tempflow.models.tiny import zimage_pipeline
 
         return ZImageModel.from_pipeline(zimage_pipeline(tmp_path), height=16, width=16)
-    if request.param == "wan":  # 5 frames: 2 latent frames; 16 text tokens keep it fast
-        return WanModel.from_pipeline(wan_pipeline(tmp_path), height=16, width=16, num_frames=5,
-                                      max_sequence_length=16)  # fmt: skip
+    if request.param == "flux2":  # 64 tokens: the 26 of the chat template and the prompt (the default is 512)
+        return Flux2Model.from_pipeline(flux2_pipeline(tmp_path), height=16, width=16, max_sequence_length=64)
     torch.manual_seed(0)
     return dg.DigitsModel(dg.DigitsConfig(num_layers=1, attention_head_dim=8, num_attention_heads=2, text_dim=16))
 
@@ -158,7 +162,7 @@ def test_bad_setup_gives_clear_errors(tmp_path):
             SD3Model.from_pipeline(pipe, height=32, width=32, attention="flash")
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "qwenimage"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwenimage", "flux2"])
 def test_sample_command_on_a_local_diffusers_folder(family, tmp_path, capsys):
     from tempflow import cli
 
@@ -192,7 +196,7 @@ def test_max_sequence_length_reaches_encode_prompt(build, tmp_path):
         assert cond.cond["hidden"].shape[1] == clip + tokens and cond.null["hidden"].shape[1] == clip + tokens
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "qwenimage"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwenimage", "flux2"])
 def test_initial_latents_are_the_pipelines_own(family, tmp_path):
     """A generator gives bit for bit the latents the diffusers pipeline's prepare_latents draws (shape, order and
     dtype; packed for FLUX and Qwen-Image), for one generator and for a list of them (one per image)."""
@@ -216,7 +220,8 @@ def test_initial_latents_are_the_pipelines_own(family, tmp_path):
 
 def test_rollout_from_a_generator_and_rows_per_forward(tmp_path):
     """The rollout's main paths start from the pipeline's latents; SD3's CFG and Qwen-Image's true CFG forward pairs
-    of rows, FLUX.1-dev's guidance embedding one row per sample, and no forward exceeds max_batch rows."""
+    of rows, FLUX.1-dev's and FLUX.2-dev's guidance embedding one row per sample, and no forward exceeds max_batch
+    rows."""
     from tempflow.rollout import BranchPlan, RolloutConfig, rollout
 
     def reward(images, prompts, metadata):
@@ -952,3 +957,134 @@ def test_zimage_cfg_truncation_is_per_sample(zimage):
     torch.testing.assert_close(both, alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(both[1], plain[1], rtol=1e-5, atol=1e-5)  # past the cut: unguided
     assert not torch.allclose(both[0], plain[0])
+
+
+# FLUX.2-dev: what the adapter must match of Flux2Pipeline
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def flux2(tmp_path):
+    pipe = flux2_pipeline(tmp_path)
+    return pipe, Flux2Model.from_pipeline(pipe, height=16, width=16, max_sequence_length=64)
+
+
+@pytest.mark.parametrize("steps", [1, 4, 10, 28])
+@pytest.mark.parametrize("tokens", [16, 1024, 4096, 6000])
+def test_flux2_grid_is_the_pipelines(steps, tokens):
+    """sde.flux2_time_grid is what Flux2Pipeline gives its scheduler (linspace sigmas, compute_empirical_mu of the
+    token count and the step count), bit for bit."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu, retrieve_timesteps
+
+    from tempflow.models.tiny import FLUX2_SCHEDULER
+
+    assert sde.flux2_mu(tokens, steps) == compute_empirical_mu(tokens, steps)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER)
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    timesteps, _ = retrieve_timesteps(scheduler, steps, "cpu", sigmas=sigmas, mu=compute_empirical_mu(tokens, steps))
+    grid = sde.flux2_time_grid(steps, tokens)
+    assert torch.equal(grid.sigmas, scheduler.sigmas)
+    assert torch.equal(grid.timesteps, timesteps)
+
+
+def test_flux2_sampling_and_decoding_are_the_pipelines(flux2):
+    """From the pipeline's own noise (same generator), the adapter's ODE steps on its grid with the guidance
+    embedding give the pipeline's latents and images (output_type latent and pt) exactly."""
+    pipe, model = flux2
+    assert model.latent_shape == (16, 16) and model.forward_rows() == 1 and model.forward_rows(7.0) == 1
+    prompts, steps, g = ["a red cat", "dog"], 3, 3.0
+    kwargs = dict(prompt=prompts, height=16, width=16, num_inference_steps=steps, guidance_scale=g,
+                  max_sequence_length=64)  # fmt: skip
+    ref = pipe(**kwargs, generator=torch.Generator().manual_seed(1), output_type="latent").images
+    images = pipe(**kwargs, generator=torch.Generator().manual_seed(1), output_type="pt").images
+    x = model.initial_latents(2, generator=torch.Generator().manual_seed(1))
+    cond, grid = model.encode(prompts), model.time_grid(steps)
+    assert torch.equal(grid.sigmas, pipe.scheduler.sigmas)
+    with torch.no_grad():
+        for k in range(steps):
+            x = sde.ode_step(x, model.velocity(x, grid.sigmas[k], cond, torch.arange(2), g), k, grid)
+    torch.testing.assert_close(x, ref, rtol=0, atol=0)
+    torch.testing.assert_close(model.decode(x), images, rtol=0, atol=1e-6)
+
+
+def test_flux2_velocity_is_one_forward_with_the_guidance_embedding(flux2):
+    """Per-sample times and prompt rows gathered by index equal the transformer called as the pipeline calls it;
+    the guidance scale changes the velocity (it is embedded), and a batch is one forward."""
+    pipe, model = flux2
+    hidden, text_ids = pipe.encode_prompt(["a cat", "a dog"], device="cpu", max_sequence_length=64)
+    cond = model.encode(["a cat", "a dog"])
+    torch.testing.assert_close(cond.cond["hidden"], hidden, rtol=0, atol=0)
+    x = model.initial_latents(3, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.9, 0.5, 0.2])
+    index = torch.tensor([1, 0, 1])
+    ids = pipe._prepare_latent_ids(torch.zeros(1, 16, 4, 4))
+    calls = []
+    forward = model.transformer.forward
+    model.transformer.forward = lambda *a, **kw: (calls.append(kw["hidden_states"].shape[0]), forward(*a, **kw))[1]
+    with torch.no_grad():
+        v = model.velocity(x, t, cond, index, 2.5)
+        v2 = model.velocity(x, t, cond, index, 5.0)
+    model.transformer.forward = forward
+    assert calls == [3, 3]
+    with torch.no_grad():
+        ref = pipe.transformer(hidden_states=x, timestep=(t * 1000) / 1000, guidance=torch.full((3,), 2.5),
+                               encoder_hidden_states=hidden[index], txt_ids=text_ids[index], img_ids=ids,
+                               return_dict=False)[0]  # fmt: skip
+    torch.testing.assert_close(v, ref, rtol=0, atol=0)
+    assert not torch.allclose(v, v2)
+
+
+def test_flux2_lora_targets_precomputed_embeddings_and_clear_errors(flux2, tmp_path):
+    pipe, model = flux2
+    model.use_lora(rank=2, alpha=4)
+    names = [n for n, _ in model.transformer.named_parameters() if "lora_A" in n]
+    assert any("single_transformer_blocks" in n and "to_qkv_mlp_proj" in n for n in names)
+    assert any("transformer_blocks.0.attn.add_q_proj" in n for n in names)
+    hidden, _ = pipe.encode_prompt(["a cat", ""], device="cpu", max_sequence_length=64)
+    pre = Flux2Model(pipe.transformer, pipe.vae, embeddings={"a cat": hidden[0], "": hidden[1]}, height=16, width=16)
+    torch.testing.assert_close(pre.encode(["a cat"]).cond["hidden"], hidden[:1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one length"):
+        Flux2Model(pipe.transformer, pipe.vae, embeddings={"a": hidden[0], "": hidden[1, :10]}).encode(["a"])
+    with pytest.raises(ValueError, match="one tensor"):
+        Flux2Model(pipe.transformer, pipe.vae, embeddings={"a": hidden, "": hidden[1]}).encode(["a"])
+    klein = diffusers.Flux2Transformer2DModel(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                              num_attention_heads=2, joint_attention_dim=24,
+                                              axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)  # fmt: skip
+    with pytest.raises(ValueError, match="guidance_embeds=False"):
+        Flux2Model(klein, pipe.vae, pipeline=pipe)
+    config = pipe.scheduler.config
+    pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config, shift_terminal=0.05)
+    stretched = Flux2Model.from_pipeline(pipe, height=16, width=16)
+    assert torch.equal(stretched.time_grid(4).sigmas, sde.flux2_time_grid(4, 16, shift_terminal=0.05).sigmas)
+    pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config, use_dynamic_shifting=False)
+    with pytest.raises(ValueError, match="use_dynamic_shifting=False"):
+        Flux2Model.from_pipeline(pipe, height=16, width=16)
+
+
+def test_flux2_folder_round_trip(tmp_path):
+    """`tempflow tiny-model flux2` writes a folder that load_model recognises as FLUX.2 and loads as the pipeline it
+    was saved from; a klein pipeline's folder (same transformer class) is refused by name."""
+    import json
+
+    from tempflow import cli
+    from tempflow.models import detect_family, load_model
+
+    folder = tmp_path / "flux2"
+    assert cli.main(["tiny-model", "flux2", str(folder)]) == 0
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "Flux2Pipeline" and index["transformer"][1] == "Flux2Transformer2DModel"
+    assert detect_family(str(folder)).name == "flux2"
+    loaded = load_model(str(folder), height=16, width=16, dtype="fp32", max_sequence_length=64)
+    assert isinstance(loaded, Flux2Model) and load_model(str(folder), height=16, width=16).max_sequence_length == 512
+    fresh = Flux2Model.from_pipeline(flux2_pipeline(tmp_path / "work"), height=16, width=16, max_sequence_length=64)
+    x = fresh.initial_latents(2, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a = loaded.velocity(x, 0.4, loaded.encode(["a cat", "a dog"]), torch.tensor([0, 1]))
+        b = fresh.velocity(x, 0.4, fresh.encode(["a cat", "a dog"]), torch.tensor([0, 1]))
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(loaded.decode(x), fresh.decode(x), rtol=0, atol=0)
+    assert loaded.pipeline.vae.dtype == torch.float32
+    index["_class_name"] = "Flux2KleinPipeline"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="Flux2KleinPipeline with transformer Flux2Transformer2DModel"):
+        load_model(str(folder))

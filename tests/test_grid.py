@@ -105,3 +105,23 @@ def test_wan_grids_are_the_shipped_unipc_schedulers(steps, flow_shift):
         assert not torch.equal(g.sigmas, sde.time_grid(steps, shift=flow_shift).sigmas)
     with pytest.raises(ValueError, match="flow_shift must be > 0"):
         sde.wan_time_grid(steps, 0.0)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10, 28, 50])
+@pytest.mark.parametrize("tokens", [16, 1024, 4096, 4301, 8192])
+def test_flux2_grids_are_diffusers(steps, tokens):
+    """FLUX.2's grid: linspace sigmas, the exponential shift of compute_empirical_mu, which follows the step count
+    below 4300 tokens and not above; a scheduler config's shift_terminal stretches it as the scheduler does."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+    mu = compute_empirical_mu(tokens, steps)
+    assert sde.flux2_mu(tokens, steps) == mu
+    assert (sde.flux2_mu(tokens, steps) == sde.flux2_mu(tokens, steps + 5)) == (tokens > 4300)
+    s = Scheduler(use_dynamic_shifting=True, time_shift_type="exponential")
+    s.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    g = sde.flux2_time_grid(steps, tokens)
+    assert torch.equal(g.sigmas, s.sigmas) and torch.equal(g.timesteps, s.timesteps)
+    if steps > 1:
+        s = Scheduler(use_dynamic_shifting=True, time_shift_type="exponential", shift_terminal=0.05)
+        s.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        assert torch.equal(sde.flux2_time_grid(steps, tokens, shift_terminal=0.05).sigmas, s.sigmas)

@@ -159,7 +159,7 @@ def test_the_seed_makes_the_weights(kind, saved, tmp_path):
 
 def test_save_tiny_refuses_what_it_should(tmp_path):
     with pytest.raises(
-        ValueError, match="unknown tiny model kind 'sdxl': choose one of sd3, flux, qwenimage, wan, zimage, clip"
+        ValueError, match="unknown tiny model kind 'sdxl': choose one of sd3, flux, qwenimage, wan, .*clip"
     ):
         tiny.save_tiny("sdxl", str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()

@@ -35,10 +35,11 @@ GENEVAL = [
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """Tiny random-weight SD3, FLUX, Qwen-Image and Wan pipeline folders, a tiny CLIP folder (PickScore's format),
-    prompt files."""
+    """Tiny random-weight SD3, FLUX, Qwen-Image, Wan and FLUX.2 pipeline folders, a tiny CLIP folder (PickScore's
+    format), prompt files."""
     root = tmp_path_factory.mktemp("tiny")
-    out = {kind: save_tiny(kind, str(root / kind)) for kind in ("sd3", "flux", "qwenimage", "wan", "zimage", "clip")}
+    out = {kind: save_tiny(kind, str(root / kind)) for kind in ("sd3", "flux", "qwenimage", "wan", "zimage", "flux2",
+                                                                 "clip")}  # fmt: skip
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     (root / "geneval.jsonl").write_text("\n".join(json.dumps(r) for r in GENEVAL) + "\n")
     out["txt"], out["jsonl"] = str(root / "prompts.txt"), str(root / "geneval.jsonl")
@@ -158,6 +159,35 @@ def test_wan_example_config_on_the_tiny_wan_model(tiny, tmp_path):
     assert model.dtype == torch.bfloat16 and model.transformer.scale_shift_table.dtype == torch.float32
 
 
+def test_flux2_example_config_on_the_tiny_flux2_model(tiny, tmp_path):
+    """configs/flux2_dev_pickscore.yaml (the paper's algorithm settings, FLUX.2-dev's guidance embedding and prompt
+    length) for 2 iterations on the tiny FLUX.2 model, then `tempflow eval` on the run."""
+    path = os.path.join(CONFIGS, "flux2_dev_pickscore.yaml")
+    paper = TrainConfig.from_sources(path)
+    assert (paper.steps, paper.branches, paper.seeds_per_prompt, paper.lora_rank, paper.lora_alpha) == (
+        10,
+        6,
+        4,
+        32,
+        64,
+    )
+    assert paper.clip_eps == 1e-4 and paper.lr == 3e-4 and paper.guidance == 4.0 and paper.dtype == "bf16"
+    assert paper.max_sequence_length == 512 and set(paper.reward) == {"pickscore"}
+    folder = tiny["flux2"]
+    out = str(tmp_path / "run")
+    # 64 prompt tokens: the tiny tokenizer's chat template takes 26 (SIZES' 16 would cut the prompt off)
+    sets = [f"model={folder}", "resolution=16", f"out={out}", f"prompts={tiny['txt']}", f"eval_prompts={tiny['txt']}",
+            f"reward={{pickscore: {{weight: 1.0, path: {tiny['clip']}}}}}", *SIZES,
+            "max_sequence_length=64"]  # fmt: skip
+    run_cli("train", "--config", path, *[a for s in sets for a in ("--set", s)])
+    check_run(out, folder, tiny["txt"], ["pickscore"])
+    run_cli("eval", "--run", out, "--steps", "2")
+    results = json.load(open(os.path.join(out, "eval.json")))["results"]["T2"]
+    assert set(results) == {"base", "final", "ema"} and "pickscore" in results["final"]
+    first = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
+    assert results["base"]["reward"] == pytest.approx(first["eval/reward"], rel=1e-5, abs=1e-6)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -224,6 +254,7 @@ ZERO3 = {  # family: its size and a reward for its samples (Wan's are videos)
     "qwenimage": ["resolution=16", "reward=jpeg-compressibility"],
     "zimage": ["resolution=16", "reward=jpeg-compressibility"],
     "wan": ["resolution=16", "model_args={num_frames: 5}", "reward=temporal-consistency"],
+    "flux2": ["resolution=16", "reward=jpeg-compressibility"],  # SIZES' 16 tokens: the chat template only
 }
 
 

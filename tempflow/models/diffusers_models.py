@@ -226,7 +226,20 @@ class _PackedModel(_DiffusersModel):
         generator = list(generator) if isinstance(generator, tuple) else generator
         z = randn_tensor(self._noise_shape(int(n)), generator=generator, device=self.device,
                          dtype=dtype or self.noise_dtype)  # fmt: skip
-        return self.pack(z.reshape(int(n), self.channels, self.h, self.w))
+        return self._pack_noise(z)
+
+    def _pack_noise(self, z: torch.Tensor) -> torch.Tensor:
+        """The noise drawn in :meth:`_noise_shape` as packed latents (FLUX, Qwen-Image: unpacked, then packed)."""
+        return self.pack(z.reshape(z.shape[0], self.channels, self.h, self.w))
+
+    def _embedded_guidance_velocity(self, x, t, cond, index, guidance=None):
+        """A guidance-distilled model's velocity (FLUX.1-dev, FLUX.2-dev): the guidance scale is an input of the
+        transformer (``guidance`` (B,) in the weights' dtype), one forward of the conditional rows, no CFG pair."""
+        g = self.default_guidance if guidance is None else float(guidance)
+        b = x.shape[0]
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
+        gv = torch.full((b,), g, device=x.device, dtype=self.dtype)
+        return self.forward_velocity(x, t, cond.select(index), guidance=gv)
 
     def unpack(self, latents: torch.Tensor) -> torch.Tensor:
         """Packed ``(B, L, 4C)`` to ``(B, C, h, w)``."""
@@ -281,8 +294,4 @@ class FluxModel(_PackedModel):
     def velocity(self, x, t, cond, index, guidance=None):
         if not self.guidance_embeds:
             return super().velocity(x, t, cond, index, guidance)
-        g = self.default_guidance if guidance is None else float(guidance)
-        b = x.shape[0]
-        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
-        gv = torch.full((b,), g, device=x.device, dtype=self.dtype)
-        return self.forward_velocity(x, t, cond.select(index), guidance=gv)
+        return self._embedded_guidance_velocity(x, t, cond, index, guidance)

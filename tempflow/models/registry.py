@@ -8,9 +8,10 @@ Every family takes the same loading options: ``device``, ``dtype`` (the denoiser
 fp32 | bf16 | fp16; trainable LoRA weights are made fp32 by the trainer), ``height`` / ``width`` (None: the
 model's own default size), ``attention`` (sdpa | xformers | flash) and ``max_sequence_length`` (T5 tokens;
 Qwen-Image: the most prompt tokens kept; Wan: the UMT5 length prompts are zero-padded to, 512 as Wan is used;
-Z-Image: the most templated prompt tokens kept, 512 as its pipeline; families without either ignore it). A
-family's own options go through as keyword arguments (Wan: ``num_frames``, ``negative_prompt``, ``flow_shift``;
-Z-Image: ``cfg_normalization``, ``cfg_truncation``).
+Z-Image: the most templated prompt tokens kept, 512 as its pipeline; FLUX.2: the Mistral length prompts are padded
+to, 512 as its pipeline; families without either ignore it). A family's own options go through as keyword
+arguments (Wan: ``num_frames``, ``negative_prompt``, ``flow_shift``; Z-Image: ``cfg_normalization``,
+``cfg_truncation``).
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ def _load_zimage(path, **options):
     return ZImageModel.from_pretrained(path, **options)
 
 
+def _load_flux2(path, **options):
+    from .flux2 import Flux2Model
+
+    return Flux2Model.from_pretrained(path, **options)
+
+
 def _has_transformer(name: str, pipeline: str | None = None) -> Callable[[dict], bool]:
     """The folder's transformer class is ``name`` (and, if given, its pipeline class ``pipeline``)."""
     return lambda index: _transformer_class(index) == name and pipeline in (None, index.get("_class_name"))
@@ -100,6 +107,9 @@ register_family("wan", "Wan 2.1 text-to-video (WanPipeline, WanTransformer3DMode
 # Z-Image-Omni's and the image-to-image pipelines share the transformer class: only ZImagePipeline is this adapter
 register_family("zimage", "Z-Image (ZImagePipeline, ZImageTransformer2DModel)",
                 _has_transformer("ZImageTransformer2DModel", "ZImagePipeline"), _load_zimage)  # fmt: skip
+# FLUX.2 klein's pipeline (Flux2KleinPipeline: real CFG, another text encoder) shares the transformer class: not this
+register_family("flux2", "FLUX.2-dev (Flux2Pipeline, Flux2Transformer2DModel)",
+                _has_transformer("Flux2Transformer2DModel", "Flux2Pipeline"), _load_flux2)  # fmt: skip
 
 
 def _read_index(path: str) -> dict:

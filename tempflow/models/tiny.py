@@ -1,6 +1,6 @@
 """Tiny random-weight models of the real architectures, built offline in a second: SD3 / SD3.5, FLUX.1-dev,
-Qwen-Image and Wan 2.1 text-to-video diffusers pipelines, and a transformers CLIP model (what the PickScore and
-Aesthetic rewards load).
+Qwen-Image, Wan 2.1 text-to-video and FLUX.2-dev diffusers pipelines, and a transformers CLIP model (what the
+PickScore and Aesthetic rewards load).
 
 They are for trying tempflow's diffusers code paths on a machine without a GPU, without downloading gigabytes from a
 model hub (nothing here touches the network), and for tests. The architectures, configs, tokenizers and folder
@@ -9,7 +9,7 @@ weights are random: the images they make are noise and their rewards mean nothin
 
 Write one to a folder with::
 
-    tempflow tiny-model sd3|flux|qwenimage|wan|zimage|clip FOLDER
+    tempflow tiny-model sd3|flux|qwenimage|wan|zimage|flux2|clip FOLDER
 
 and use the folder wherever tempflow takes a local model folder, e.g. ``tempflow sample --model FOLDER --size 16``
 (``tempflow.models.load_model(FOLDER, height=.., width=..)``) or ``tempflow.rewards.PickScore(FOLDER)``. The tiny VAE
@@ -19,10 +19,12 @@ halves the image size (the real one divides it by 8), so its images are multiple
 Wan VAE divides the size by 4 (the real one by 8) and, as the real one, compresses 4 frames into one after the first,
 so its videos are multiples of 8 a side with 4k+1 frames (``load_model(FOLDER, height=16, width=16, num_frames=5)``).
 The tiny Z-Image VAE halves the image size (the real one divides it by 8), so its images are multiples of 4.
+The tiny FLUX.2 VAE halves the image size (the real one divides it by 8), so its images are multiples of 4; its
+prompts take 26 tokens of chat template before the prompt (``max_sequence_length=64`` keeps tests fast).
 
-In Python, :func:`sd3_pipeline`, :func:`flux_pipeline`, :func:`qwenimage_pipeline`, :func:`wan_pipeline` and
-:func:`zimage_pipeline` return
-the pipelines in memory and :func:`save_tiny` writes a folder. The same seed gives the same weights.
+In Python, :func:`sd3_pipeline`, :func:`flux_pipeline`, :func:`qwenimage_pipeline`, :func:`wan_pipeline`,
+:func:`zimage_pipeline` and :func:`flux2_pipeline` return the pipelines in memory and :func:`save_tiny` writes a
+folder. The same seed gives the same weights.
 """
 
 from __future__ import annotations
@@ -45,10 +47,11 @@ __all__ = [
     "qwenimage_pipeline",
     "wan_pipeline",
     "zimage_pipeline",
+    "flux2_pipeline",
     "save_tiny",
 ]
 
-KINDS = ("sd3", "flux", "qwenimage", "wan", "zimage", "clip")
+KINDS = ("sd3", "flux", "qwenimage", "wan", "zimage", "flux2", "clip")
 
 LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
 
@@ -379,6 +382,87 @@ def zimage_pipeline(workdir, seed: int = 0) -> diffusers.ZImagePipeline:
     ))  # fmt: skip
 
 
+#: The tiny FLUX.2 pipeline's scheduler config: the form of FLUX.2-dev's (``FlowMatchEulerDiscreteScheduler`` with the
+#: exponential dynamic shift; the pipeline computes ``mu`` itself, ``compute_empirical_mu``, so the shift constants
+#: are unused). FLUX.2-dev's published file was not read offline: Flux2Model checks the settings its grid depends on.
+FLUX2_SCHEDULER = {"use_dynamic_shifting": True, "time_shift_type": "exponential", "base_image_seq_len": 256,
+                   "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15, "shift": 3.0}  # fmt: skip
+
+#: Mistral's chat-template tokens, as FLUX.2-dev's tokenizer (a Pixtral processor of Mistral Small 3.1) marks the
+#: system prompt and the user turn
+MISTRAL_SPECIAL = ("[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ m['content'][0]['text'] }}"
+    "[/SYSTEM_PROMPT]{% else %}[INST]{{ m['content'][0]['text'] }}[/INST]{% endif %}{% endfor %}"
+)
+
+
+def mistral_tokenizer():
+    """A tokenizer with a Mistral-like chat template (system prompt, then the user turn) for the tiny FLUX.2: a
+    Unigram model of single letters and digits plus the words of the pipeline's system message (so that the template
+    is 26 tokens and a 512-token window keeps the prompt). The real one is a ``PixtralProcessor``; the pipeline only
+    calls its ``apply_chat_template``, which a plain tokenizer has too. Returns ``(tokenizer, vocab_size)``."""
+    transformers = _transformers()
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    space = "\u2581"
+    special = ["<unk>", "<s>", "</s>", "<pad>", *MISTRAL_SPECIAL]
+    words = sorted({space + w for w in SYSTEM_MESSAGE.split()})
+    vocab = [(t, 0.0) for t in special] + [(space, -2.0)] + [(c, -1.0) for c in LETTERS] + [(w, 0.0) for w in words]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=0))
+    metaspace = {"replacement": space, "prepend_scheme": "always", "split": True}
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(**metaspace)]
+    )
+    tok.decoder = decoders.Metaspace(**metaspace)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>", pad_token="<pad>",
+                                                additional_special_tokens=list(MISTRAL_SPECIAL), model_max_length=512,
+                                                chat_template=MISTRAL_TEMPLATE), len(vocab)  # fmt: skip
+
+
+def mistral3_encoder(vocab, hidden=8):
+    """A ``Mistral3ForConditionalGeneration`` (FLUX.2-dev's text encoder) of width ``hidden`` with 30 text layers (the
+    pipeline stacks hidden states 10, 20 and 30) and a one-layer Pixtral vision tower that text prompts never run."""
+    transformers = _transformers()
+    text = {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 16, "num_hidden_layers": 30,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": hidden // 2,
+            "max_position_embeddings": 1024, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}  # fmt: skip
+    vision = {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 16, "head_dim": 8}  # fmt: skip
+    cfg = transformers.Mistral3Config(text_config=text, vision_config=vision, image_token_index=vocab + 1)
+    return transformers.Mistral3ForConditionalGeneration(cfg)
+
+
+def flux2_pipeline(workdir, seed: int = 0) -> diffusers.Flux2Pipeline:
+    """A random-weight FLUX.2-dev-like pipeline: a ``Flux2Transformer2DModel`` of one double and one single block
+    (``guidance_embeds=True``, 4-axis RoPE), an ``AutoencoderKLFlux2`` with one 2x downsampling (the real one: 8x) and
+    4 latent channels whose batch-norm statistics (over the 16 channels of 2x2 patches) are set non-trivial, the
+    30-layer Mistral3 text encoder of :func:`mistral3_encoder` with :func:`mistral_tokenizer` and the form of
+    FLUX.2's scheduler config (:data:`FLUX2_SCHEDULER`). ``workdir`` is unused. The global torch RNG is left as it
+    was."""
+    import diffusers
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tok, n = mistral_tokenizer()
+        text_encoder = mistral3_encoder(n, hidden=8)
+        transformer = diffusers.Flux2Transformer2DModel(in_channels=16, num_layers=1, num_single_layers=1,
+                                                        attention_head_dim=16, num_attention_heads=2,
+                                                        joint_attention_dim=24, timestep_guidance_channels=32,
+                                                        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True)  # fmt: skip
+        vae = diffusers.AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                           up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
+                                           latent_channels=4, norm_num_groups=4, sample_size=16)  # fmt: skip
+        vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, 16))
+        vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, 16))
+    return _eval(diffusers.Flux2Pipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER), vae=vae, text_encoder=text_encoder,
+        tokenizer=tok, transformer=transformer,
+    ))  # fmt: skip
+
+
 def _save_clip(folder: str, workdir: str, seed: int) -> None:
     """A random-weight transformers CLIPModel (32x32 images in 8x8 patches, 16-d embeddings) and its processor."""
     transformers = _transformers()
@@ -422,6 +506,7 @@ def save_tiny(kind: str, folder: str, seed: int = 0) -> str:
                     "qwenimage": qwenimage_pipeline,
                     "wan": wan_pipeline,
                     "zimage": zimage_pipeline,
+                    "flux2": flux2_pipeline,
                 }[kind]
                 build(workdir, seed=seed).save_pretrained(folder)
     except BaseException:  # leave no half-written model behind (the folder was new or empty)
