@@ -405,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     smp.add_argument("--fps", type=float, default=16, help="frames per second of video GIFs (default 16, Wan's)")
     smp.add_argument("--model", default=None, help="'digits' (default) or a local diffusers folder (SD3, FLUX, "
-                     "Qwen-Image, Wan); with --run: the run's model (give this if its folder moved)")  # fmt: skip
+                     "Qwen-Image, Wan, Z-Image, FLUX.2); with --run: the run's model (give this if its folder "
+                     "moved)")  # fmt: skip
     smp.add_argument("--size", type=int, default=None, help="image size (default: the run's, else the model's)")
     smp.add_argument("--run", default=None, help="a tempflow train output folder: sample its trained weights")
     smp.add_argument("--ema", action="store_true", help="with --run: use the EMA weights")

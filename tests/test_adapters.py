@@ -1,6 +1,6 @@
-"""One adapter test suite for every model: the tiny random-weight SD3, FLUX and Qwen-Image pipelines of
-tempflow.models.tiny (built offline), and the embedded digits model; then what each adapter must match of its
-diffusers pipeline."""
+"""One adapter test suite for every model: the tiny random-weight SD3, FLUX, Qwen-Image, Wan, Z-Image and FLUX.2
+pipelines of tempflow.models.tiny (built offline), and the embedded digits model; then what each adapter must match
+of its diffusers pipeline."""
 
 import numpy as np
 import pytest

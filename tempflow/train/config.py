@@ -145,16 +145,17 @@ class TrainConfig:
 
     # --- model -------------------------------------------------------------------------------------------------
     model: str = _f("digits", "'digits' (the embedded default) or a local diffusers folder (SD3/SD3.5, FLUX.1, "
-                    "Qwen-Image, Wan 2.1 T2V)")  # fmt: skip
+                    "Qwen-Image, Wan 2.1 T2V, Z-Image, FLUX.2-dev)")  # fmt: skip
     resolution: int = _f(0, "square image size in pixels; 0: the model's own (digits 16, SD3/FLUX pipelines' default)")
     height: int = _f(0, "image height (overrides resolution; 0: resolution)")
     width: int = _f(0, "image width (overrides resolution; 0: resolution)")
     dtype: str = _f("fp32", "weights of the denoiser and text encoders: fp32 | bf16 | fp16 (LoRA weights and all loss "
                     "maths stay fp32; the VAE decodes in fp32)")  # fmt: skip
     attention: str = _f("sdpa", "attention kernels of the transformer: sdpa | xformers | flash")
-    max_sequence_length: int = _f(0, "text tokens: T5's (SD3, FLUX), the most kept (Qwen-Image), UMT5's padded length "
-                                  "(Wan); 0: the model's own, 128 as Flow-GRPO and TempFlow-GRPO for SD3, FLUX and "
-                                  "Qwen-Image, 512 for Wan (whose transformer sees the padding)")  # fmt: skip
+    max_sequence_length: int = _f(0, "text tokens: T5's (SD3, FLUX), the most kept (Qwen-Image, Z-Image), the padded "
+                                  "length (Wan's UMT5, FLUX.2's Mistral); 0: the model's own, 128 as Flow-GRPO and "
+                                  "TempFlow-GRPO for SD3, FLUX and Qwen-Image, 512 (the pipelines') for Wan, Z-Image "
+                                  "and FLUX.2")  # fmt: skip
     device: str = _f("auto", "auto (this rank's GPU if there is one, else cpu) | cpu | cuda | cuda:N")
     model_args: dict = _f({}, "the model family's own loading options, e.g. Wan: {num_frames: 33, negative_prompt: "
                           "'...', flow_shift: 3.0}", _mapping)  # fmt: skip
