@@ -24,6 +24,17 @@ FAMILIES = {"sd3": (sd3_pipeline, SD3Model, 32, 2), "flux": (flux_pipeline, Flux
             "flux2": (flux2_pipeline, Flux2Model, 16, 1)}  # fmt: skip
 
 
+def ode_sample(model, start, prompts, steps, guidance):
+    """The adapter's Euler ODE sampling on its own grid from the given latents, one sample per prompt: what a
+    pipeline's ``__call__`` with an Euler scheduler computes."""
+    grid, cond, index = model.time_grid(steps), model.encode(prompts), torch.arange(len(prompts))
+    x = start
+    with torch.no_grad():
+        for k in range(steps):
+            x = sde.ode_step(x, model.velocity(x, grid.sigmas[k], cond, index, guidance), k, grid)
+    return x
+
+
 @pytest.fixture(params=["sd3", "flux", "qwenimage", "wan", "zimage", "flux2", "digits"])
 def adapter(request, tmp_path):
     if request.param == "sd3":
@@ -380,12 +391,8 @@ def test_qwenimage_sampling_and_decoding_are_the_pipelines(qwen):
     pipe, model = qwen
     prompts, steps, g = ["a cat", "Two DOGS, 7!"], 4, 3.0
     start = model.initial_latents(2, torch.Generator().manual_seed(11))
-    grid = model.time_grid(steps)
-    cond = model.encode(prompts)
-    x = start
+    x = ode_sample(model, start, prompts, steps, g)
     with torch.no_grad():
-        for k in range(steps):
-            x = sde.ode_step(x, model.velocity(x, grid.sigmas[k], cond, torch.arange(2), g), k, grid)
         images = model.decode(x)
     kwargs = {"prompt": prompts, "negative_prompt": [""] * 2, "true_cfg_scale": g, "height": 16, "width": 16,
               "num_inference_steps": steps, "latents": start.clone()}  # fmt: skip
@@ -556,12 +563,8 @@ def test_wan_sampling_and_decoding_are_the_pipelines(wan):
     gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2)]  # noqa: E731
     assert torch.equal(model.initial_latents(2, gens()), pipe.prepare_latents(2, 4, 16, 16, 5, torch.float32, "cpu",
                                                                                gens()))  # fmt: skip
-    grid = model.time_grid(steps)
-    cond = model.encode(prompts)
-    x = start
+    x = ode_sample(model, start, prompts, steps, g)
     with torch.no_grad():
-        for k in range(steps):
-            x = sde.ode_step(x, model.velocity(x, grid.sigmas[k], cond, torch.arange(2), g), k, grid)
         videos = model.decode(x)
     kwargs = {
         "prompt": prompts,
@@ -831,11 +834,8 @@ def test_zimage_sampling_and_decoding_are_the_pipelines(zimage, guidance, normal
     start = model.initial_latents(2, torch.Generator().manual_seed(11))
     assert torch.equal(start, pipe.prepare_latents(2, 4, 32, 32, torch.float32, "cpu",
                                                    torch.Generator().manual_seed(11)))  # fmt: skip
-    grid, cond = model.time_grid(steps), model.encode(prompts)
-    x = start
+    x = ode_sample(model, start, prompts, steps, guidance)
     with torch.no_grad():
-        for k in range(steps):
-            x = sde.ode_step(x, model.velocity(x, grid.sigmas[k], cond, torch.arange(2), guidance), k, grid)
         images = model.decode(x)
     kwargs = {"height": 32, "width": 32, "num_inference_steps": steps, "guidance_scale": guidance - 1,
               "cfg_normalization": normalization, "cfg_truncation": truncation, "latents": start.clone()}  # fmt: skip
@@ -997,12 +997,8 @@ def test_flux2_sampling_and_decoding_are_the_pipelines(flux2):
                   max_sequence_length=64)  # fmt: skip
     ref = pipe(**kwargs, generator=torch.Generator().manual_seed(1), output_type="latent").images
     images = pipe(**kwargs, generator=torch.Generator().manual_seed(1), output_type="pt").images
-    x = model.initial_latents(2, generator=torch.Generator().manual_seed(1))
-    cond, grid = model.encode(prompts), model.time_grid(steps)
-    assert torch.equal(grid.sigmas, pipe.scheduler.sigmas)
-    with torch.no_grad():
-        for k in range(steps):
-            x = sde.ode_step(x, model.velocity(x, grid.sigmas[k], cond, torch.arange(2), g), k, grid)
+    assert torch.equal(model.time_grid(steps).sigmas, pipe.scheduler.sigmas)
+    x = ode_sample(model, model.initial_latents(2, generator=torch.Generator().manual_seed(1)), prompts, steps, g)
     torch.testing.assert_close(x, ref, rtol=0, atol=0)
     torch.testing.assert_close(model.decode(x), images, rtol=0, atol=1e-6)
 
