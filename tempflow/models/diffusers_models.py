@@ -42,6 +42,31 @@ def set_attention(transformer, attention: str = "sdpa") -> None:
     raise ValueError(f"unknown attention {attention!r}: choose sdpa, xformers or flash")
 
 
+def scheduler_config_reader(config):
+    """``get(key, default)`` over a diffusers scheduler config (a FrozenDict, a dict or an object; None: every key
+    takes its default)."""
+    if config is None:
+        return lambda key, default=None: default
+    return config.get if hasattr(config, "get") else lambda key, default=None: getattr(config, key, default)
+
+
+def check_scheduler_config(get, family: str, follows: str, *, dynamic: bool = False, also=(), extra=()) -> None:
+    """Refuse a scheduler config whose sigmas are not the linspace-and-exponential-shift grid an adapter's
+    ``time_grid`` computes: Karras, exponential, beta or inverted sigmas (and the flags in ``also``), another
+    ``time_shift_type``, ``use_dynamic_shifting`` off where the grid needs it (``dynamic``), and the adapter's own
+    findings (``extra``). ``follows`` says what the grid is, for the message."""
+    flags = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas", *also)
+    unsupported = [k for k in flags if get(k, False)]
+    if dynamic and not get("use_dynamic_shifting", False):
+        unsupported.append("use_dynamic_shifting=False")
+    if get("time_shift_type", "exponential") != "exponential":
+        unsupported.append(f"time_shift_type={get('time_shift_type')!r}")
+    unsupported += list(extra)
+    if unsupported:
+        raise ValueError(f"the scheduler config sets {', '.join(unsupported)}, which tempflow's {family} grid does not "
+                         f"follow ({follows}); use {family}'s own scheduler config")  # fmt: skip
+
+
 class _DiffusersModel(FlowModel):
     """What the diffusers adapters share: prompt encoding (pipeline or precomputed), the VAE decode, trainable
     parameters. Subclasses encode with :meth:`_encode_texts` (a dict of batch tensors per prompt list), and may

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from .. import sde
-from .diffusers_models import _PackedModel
+from .diffusers_models import _PackedModel, check_scheduler_config, scheduler_config_reader
 
 __all__ = ["Flux2Model", "FLUX2_LORA_TARGETS"]
 
@@ -140,15 +140,7 @@ def _check_schedule(config) -> float | None:
     :func:`tempflow.sde.flux2_time_grid` computes (None config: FLUX.2's form, no terminal stretch)."""
     if config is None:
         return None
-    get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
-    unsupported = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
-                               "use_flow_sigmas") if get(k, False)]  # fmt: skip
-    if not get("use_dynamic_shifting", False):
-        unsupported.append("use_dynamic_shifting=False")
-    if get("time_shift_type", "exponential") != "exponential":
-        unsupported.append(f"time_shift_type={get('time_shift_type')!r}")
-    if unsupported:
-        raise ValueError(f"the scheduler config sets {', '.join(unsupported)}, which tempflow's FLUX.2 grid does not "
-                         "follow (the exponential dynamic shift of compute_empirical_mu on linspace sigmas); use "
-                         "FLUX.2's FlowMatchEulerDiscreteScheduler config")  # fmt: skip
+    get = scheduler_config_reader(config)
+    check_scheduler_config(get, "FLUX.2", "the exponential dynamic shift of compute_empirical_mu on linspace sigmas",
+                           dynamic=True, also=("use_flow_sigmas",))  # fmt: skip
     return get("shift_terminal", None)

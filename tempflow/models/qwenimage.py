@@ -35,7 +35,7 @@ import torch
 
 from .. import sde
 from .base import Conditioning
-from .diffusers_models import _PackedModel, set_attention
+from .diffusers_models import _PackedModel, check_scheduler_config, scheduler_config_reader, set_attention
 
 __all__ = ["QwenImageModel"]
 
@@ -185,17 +185,9 @@ def _schedule(config) -> dict:
     with linspace sigmas."""
     if config is None:
         return dict(sde.QWENIMAGE_SHIFT)
-    get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
-    unsupported = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")
-                   if get(k, False)]  # fmt: skip
-    if not get("use_dynamic_shifting", False):
-        unsupported.append("use_dynamic_shifting=False")
-    if get("time_shift_type", "exponential") != "exponential":
-        unsupported.append(f"time_shift_type={get('time_shift_type')!r}")
-    if unsupported:
-        raise ValueError(f"the scheduler config sets {', '.join(unsupported)}, which tempflow's Qwen-Image grid does "
-                         "not follow (it has the exponential dynamic shift of Qwen-Image's published config); use "
-                         "that scheduler config")  # fmt: skip
+    get = scheduler_config_reader(config)
+    check_scheduler_config(get, "Qwen-Image", "the exponential dynamic shift of Qwen-Image's published config",
+                           dynamic=True)  # fmt: skip
     return {
         "base_seq_len": get("base_image_seq_len", 256),
         "max_seq_len": get("max_image_seq_len", 4096),

@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 
 from .. import sde
-from .diffusers_models import _DiffusersModel
+from .diffusers_models import _DiffusersModel, check_scheduler_config, scheduler_config_reader
 from .qwenimage import QwenImageModel, _pad_rows
 
 __all__ = ["ZImageModel"]
@@ -171,18 +171,10 @@ class ZImageModel(_DiffusersModel):
 def _schedule(config) -> dict:
     """The scheduler config's time-shift settings (None: Z-Image's published static shift 3). Only what the
     pipeline's grid follows is supported: linspace sigmas with a static or exponential dynamic shift."""
-    get = (lambda k, d=None: d) if config is None else (config.get if hasattr(config, "get") else
-                                                         lambda k, d=None: getattr(config, k, d))  # fmt: skip
-    unsupported = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")
-                   if get(k, False)]  # fmt: skip
-    if get("time_shift_type", "exponential") != "exponential":
-        unsupported.append(f"time_shift_type={get('time_shift_type')!r}")
-    if get("num_train_timesteps", 1000) != 1000:
-        unsupported.append(f"num_train_timesteps={get('num_train_timesteps')}")
-    if unsupported:
-        raise ValueError(f"the scheduler config sets {', '.join(unsupported)}, which tempflow's Z-Image grid does not "
-                         "follow (linspace sigmas, a static or exponential dynamic shift); use Z-Image's scheduler "
-                         "config")  # fmt: skip
+    get = scheduler_config_reader(config)
+    timesteps = get("num_train_timesteps", 1000)
+    check_scheduler_config(get, "Z-Image", "linspace sigmas, a static or exponential dynamic shift",
+                           extra=[f"num_train_timesteps={timesteps}"] if timesteps != 1000 else [])  # fmt: skip
     return {
         "dynamic": bool(get("use_dynamic_shifting", False)),
         "shift": float(get("shift", 3.0)),
