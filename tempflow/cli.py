@@ -5,7 +5,8 @@ tempflow train         TempFlow-GRPO / Flow-GRPO: the embedded default with no a
 tempflow eval          held-out rewards of a run's base, final and EMA weights side by side
 tempflow sample        a PNG grid of samples of a model or a run
 tempflow serve-reward  serve a reward over HTTP (loopback by default) to trainers in other processes or machines
-tempflow tiny-model    write a tiny random-weight SD3 / FLUX / Qwen-Image / Wan / Z-Image / FLUX.2 / CLIP folder to try it offline
+tempflow tiny-model    write a tiny random-weight SD3 / FLUX / Qwen-Image / Wan / Z-Image / FLUX.2 / CLIP folder
+                       to try tempflow offline
 tempflow pretrain      rebuild the embedded default's weights or its digit classifier
 tempflow demo          sample an analytic Gaussian-mixture flow with the ODE and each SDE schedule and check them
 tempflow doctor        what is installed and built, which backends serve which device, and why one is missing
