@@ -35,6 +35,45 @@ def ode_sample(model, start, prompts, steps, guidance):
     return x
 
 
+def folder_round_trip(tmp_path, kind, pipeline, transformer, adapter, build, guidance=None, **options):
+    """`tempflow tiny-model KIND` writes a folder whose model_index.json names ``pipeline`` and ``transformer``,
+    which load_model recognises as family KIND and loads as the pipeline it was saved from: the velocity of an
+    adapter on a freshly built tiny pipeline, bit for bit, and the VAE in fp32. Returns (folder, loaded, fresh, x)."""
+    import json
+
+    from tempflow import cli
+    from tempflow.models import detect_family, load_model
+
+    folder = tmp_path / kind
+    assert cli.main(["tiny-model", kind, str(folder)]) == 0
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == pipeline and index["transformer"][1] == transformer
+    assert detect_family(str(folder)).name == kind
+    loaded = load_model(str(folder), height=16, width=16, dtype="fp32", **options)
+    assert isinstance(loaded, adapter)
+    fresh = adapter.from_pipeline(build(tmp_path / "work"), height=16, width=16, **options)
+    x = fresh.initial_latents(2, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a = loaded.velocity(x, 0.4, loaded.encode(["a cat", "a dog"]), torch.tensor([0, 1]), guidance)
+        b = fresh.velocity(x, 0.4, fresh.encode(["a cat", "a dog"]), torch.tensor([0, 1]), guidance)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert loaded.pipeline.vae.dtype == torch.float32
+    return folder, loaded, fresh, x
+
+
+def refuses_sibling_pipeline(folder, sibling):
+    """The folder relabelled as ``sibling`` (another pipeline with the same transformer class) is refused by name."""
+    import json
+
+    from tempflow.models import load_model
+
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = sibling
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"{sibling} with transformer {index['transformer'][1]}"):
+        load_model(str(folder))
+
+
 @pytest.fixture(params=["sd3", "flux", "qwenimage", "wan", "zimage", "flux2", "digits"])
 def adapter(request, tmp_path):
     if request.param == "sd3":
@@ -448,30 +487,12 @@ def test_qwenimage_precomputed_embeddings_and_clear_errors(qwen, tmp_path):
 def test_qwenimage_folder_round_trip(tmp_path):
     """`tempflow tiny-model qwenimage` writes a folder that load_model recognises as Qwen-Image and loads as the
     pipeline it was saved from; an editing pipeline's folder (same transformer class) is refused by name."""
-    import json
-
-    from tempflow import cli
-    from tempflow.models import detect_family, load_model
-
-    folder = tmp_path / "qwen"
-    assert cli.main(["tiny-model", "qwenimage", str(folder)]) == 0
-    index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"] == "QwenImagePipeline" and index["transformer"][1] == "QwenImageTransformer2DModel"
-    assert detect_family(str(folder)).name == "qwenimage"
-    loaded = load_model(str(folder), height=16, width=16, dtype="fp32")
-    assert isinstance(loaded, QwenImageModel) and loaded.max_sequence_length == 128
-    fresh = QwenImageModel.from_pipeline(qwenimage_pipeline(tmp_path / "work"), height=16, width=16)
-    x = fresh.initial_latents(2, torch.Generator().manual_seed(2))
+    folder, loaded, _, x = folder_round_trip(tmp_path, "qwenimage", "QwenImagePipeline", "QwenImageTransformer2DModel",
+                                             QwenImageModel, qwenimage_pipeline)  # fmt: skip
+    assert loaded.max_sequence_length == 128
     with torch.no_grad():
-        a = loaded.velocity(x, 0.4, loaded.encode(["a cat", "a dog"]), torch.tensor([0, 1]))
-        b = fresh.velocity(x, 0.4, fresh.encode(["a cat", "a dog"]), torch.tensor([0, 1]))
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert loaded.decode(x).shape == (2, 3, 16, 16)
-    assert loaded.pipeline.vae.dtype == torch.float32
-    index["_class_name"] = "QwenImageEditPipeline"
-    (folder / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="QwenImageEditPipeline with transformer QwenImageTransformer2DModel"):
-        load_model(str(folder))
+    refuses_sibling_pipeline(folder, "QwenImageEditPipeline")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -666,36 +687,19 @@ def test_wan_precomputed_embeddings_lora_targets_and_clear_errors(wan, tmp_path)
 def test_wan_folder_round_trip(tmp_path):
     """`tempflow tiny-model wan` writes a folder load_model recognises as Wan and loads as the pipeline it was saved
     from (the scheduler config included); Wan's image-to-video pipeline (same transformer class) is refused."""
-    import json
-
-    from tempflow import cli
-    from tempflow.models import detect_family, load_model
-
-    folder = tmp_path / "wan"
-    assert cli.main(["tiny-model", "wan", str(folder)]) == 0
-    index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"] == "WanPipeline" and index["transformer"][1] == "WanTransformer3DModel"
-    assert detect_family(str(folder)).name == "wan"
-    loaded = load_model(str(folder), height=16, width=16, dtype="fp32", num_frames=5, max_sequence_length=16)
-    assert isinstance(loaded, WanModel) and type(loaded.pipeline.scheduler).__name__ == "UniPCMultistepScheduler"
-    assert loaded.shift == 5.0 and loaded.latent_shape == (4, 2, 4, 4)
-    # the settings' default max_sequence_length (0: the model's own) gives Wan its 512 UMT5 tokens, SD3 and co 128
+    from tempflow.models import load_model
     from tempflow.train.config import TrainConfig
 
+    folder, loaded, _, x = folder_round_trip(tmp_path, "wan", "WanPipeline", "WanTransformer3DModel", WanModel,
+                                             wan_pipeline, num_frames=5, max_sequence_length=16)  # fmt: skip
+    assert type(loaded.pipeline.scheduler).__name__ == "UniPCMultistepScheduler"
+    assert loaded.shift == 5.0 and loaded.latent_shape == (4, 2, 4, 4)
+    # the settings' default max_sequence_length (0: the model's own) gives Wan its 512 UMT5 tokens, SD3 and co 128
     options = {**TrainConfig(device="cpu", height=16, width=16).model_options(), "num_frames": 5}
     assert load_model(str(folder), **options).max_sequence_length == 512
-    fresh = WanModel.from_pipeline(wan_pipeline(tmp_path / "work"), height=16, width=16, num_frames=5,
-                                   max_sequence_length=16)  # fmt: skip
-    x = fresh.initial_latents(2, torch.Generator().manual_seed(2))
     with torch.no_grad():
-        a = loaded.velocity(x, 0.4, loaded.encode(["a cat", "a dog"]), torch.tensor([0, 1]))
-        b = fresh.velocity(x, 0.4, fresh.encode(["a cat", "a dog"]), torch.tensor([0, 1]))
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert loaded.decode(x).shape == (2, 5, 3, 16, 16)
-    index["_class_name"] = "WanImageToVideoPipeline"
-    (folder / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="WanImageToVideoPipeline with transformer WanTransformer3DModel"):
-        load_model(str(folder))
+    refuses_sibling_pipeline(folder, "WanImageToVideoPipeline")
 
 
 def test_wan_sample_command_writes_a_gif_per_video(tmp_path, capsys):
@@ -886,32 +890,16 @@ def test_zimage_precomputed_embeddings_lora_and_clear_errors(zimage):
 
 def test_zimage_folder_round_trip(tmp_path):
     """`tempflow tiny-model zimage` writes a folder that load_model recognises as Z-Image and loads as the pipeline
-    it was saved from."""
-    import json
-
-    from tempflow import cli
-    from tempflow.models import detect_family, load_model
+    it was saved from; an image-to-image pipeline's folder (same transformer class, prompts take an image) is refused
+    by name."""
     from tempflow.models.tiny import zimage_pipeline
 
-    folder = tmp_path / "zimage"
-    assert cli.main(["tiny-model", "zimage", str(folder)]) == 0
-    index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"] == "ZImagePipeline" and index["transformer"][1] == "ZImageTransformer2DModel"
-    assert detect_family(str(folder)).name == "zimage"
-    loaded = load_model(str(folder), height=16, width=16, dtype="fp32")
-    assert isinstance(loaded, ZImageModel) and loaded.max_sequence_length == 512
-    fresh = ZImageModel.from_pipeline(zimage_pipeline(tmp_path / "work"), height=16, width=16)
-    x = fresh.initial_latents(2, torch.Generator().manual_seed(2))
+    folder, loaded, _, x = folder_round_trip(tmp_path, "zimage", "ZImagePipeline", "ZImageTransformer2DModel",
+                                             ZImageModel, zimage_pipeline, guidance=3.0)  # fmt: skip
+    assert loaded.max_sequence_length == 512
     with torch.no_grad():
-        a = loaded.velocity(x, 0.4, loaded.encode(["a cat", "a dog"]), torch.tensor([0, 1]), 3.0)
-        b = fresh.velocity(x, 0.4, fresh.encode(["a cat", "a dog"]), torch.tensor([0, 1]), 3.0)
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert loaded.decode(x).shape == (2, 3, 16, 16)
-    assert loaded.pipeline.vae.dtype == torch.float32
-    index["_class_name"] = "ZImageImg2ImgPipeline"  # same transformer class, prompts take an image: refused by name
-    (folder / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="ZImageImg2ImgPipeline with transformer ZImageTransformer2DModel"):
-        load_model(str(folder))
+    refuses_sibling_pipeline(folder, "ZImageImg2ImgPipeline")
 
 
 def test_zimage_rollout_starts_from_the_pipelines_latents_in_pairs_of_rows(zimage):
@@ -1060,27 +1048,11 @@ def test_flux2_lora_targets_precomputed_embeddings_and_clear_errors(flux2, tmp_p
 def test_flux2_folder_round_trip(tmp_path):
     """`tempflow tiny-model flux2` writes a folder that load_model recognises as FLUX.2 and loads as the pipeline it
     was saved from; a klein pipeline's folder (same transformer class) is refused by name."""
-    import json
+    from tempflow.models import load_model
 
-    from tempflow import cli
-    from tempflow.models import detect_family, load_model
-
-    folder = tmp_path / "flux2"
-    assert cli.main(["tiny-model", "flux2", str(folder)]) == 0
-    index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"] == "Flux2Pipeline" and index["transformer"][1] == "Flux2Transformer2DModel"
-    assert detect_family(str(folder)).name == "flux2"
-    loaded = load_model(str(folder), height=16, width=16, dtype="fp32", max_sequence_length=64)
-    assert isinstance(loaded, Flux2Model) and load_model(str(folder), height=16, width=16).max_sequence_length == 512
-    fresh = Flux2Model.from_pipeline(flux2_pipeline(tmp_path / "work"), height=16, width=16, max_sequence_length=64)
-    x = fresh.initial_latents(2, torch.Generator().manual_seed(2))
+    folder, loaded, fresh, x = folder_round_trip(tmp_path, "flux2", "Flux2Pipeline", "Flux2Transformer2DModel",
+                                                 Flux2Model, flux2_pipeline, max_sequence_length=64)  # fmt: skip
+    assert load_model(str(folder), height=16, width=16).max_sequence_length == 512
     with torch.no_grad():
-        a = loaded.velocity(x, 0.4, loaded.encode(["a cat", "a dog"]), torch.tensor([0, 1]))
-        b = fresh.velocity(x, 0.4, fresh.encode(["a cat", "a dog"]), torch.tensor([0, 1]))
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
         torch.testing.assert_close(loaded.decode(x), fresh.decode(x), rtol=0, atol=0)
-    assert loaded.pipeline.vae.dtype == torch.float32
-    index["_class_name"] = "Flux2KleinPipeline"
-    (folder / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="Flux2KleinPipeline with transformer Flux2Transformer2DModel"):
-        load_model(str(folder))
+    refuses_sibling_pipeline(folder, "Flux2KleinPipeline")
