@@ -68,21 +68,22 @@ def check_run(out, model, prompts, part_names):
     assert os.listdir(os.path.join(out, "samples")) and os.path.exists(os.path.join(out, "checkpoint.pt"))
 
 
+def assert_paper_settings(paper):
+    """An example config keeps the paper's algorithm settings (T, K, N, LoRA, clip range, learning rate)."""
+    settings = (paper.steps, paper.branches, paper.seeds_per_prompt, paper.lora_rank, paper.lora_alpha)
+    assert settings == (10, 6, 4, 32, 64)
+    assert paper.clip_eps == 1e-4 and paper.lr == 3e-4
+
+
 @pytest.mark.parametrize("config", ["sd35m_pickscore.yaml", "sd35m_geneval_server.yaml", "flux_dev_hps.yaml",
                                     "qwenimage_pickscore.yaml", "zimage_pickscore.yaml"])  # fmt: skip
 def test_example_config_on_a_tiny_model_of_its_family(config, tiny, tmp_path, capsys):
     path = os.path.join(CONFIGS, config)
     paper = TrainConfig.from_sources(path)
-    assert (paper.steps, paper.branches, paper.seeds_per_prompt, paper.lora_rank, paper.lora_alpha) == (
-        10,
-        6,
-        4,
-        32,
-        64,
-    )
+    assert_paper_settings(paper)
     family = {"sd35m": "sd3", "flux": "flux", "qwenimage": "qwenimage", "zimage": "zimage"}[config.split("_")[0]]
     tokens = 0 if family == "zimage" else 128  # Z-Image: the family's own (512, the pipeline's; truncation only)
-    assert paper.clip_eps == 1e-4 and paper.lr == 3e-4 and paper.max_sequence_length == tokens
+    assert paper.max_sequence_length == tokens
     out = str(tmp_path / "run")
     sets = [f"model={tiny[family]}", f"resolution={32 if family == 'sd3' else 16}", f"out={out}", *SIZES]
     server = None
@@ -125,14 +126,8 @@ def test_wan_example_config_on_the_tiny_wan_model(tiny, tmp_path):
 
     path = os.path.join(CONFIGS, "wan_t2v.yaml")
     paper = TrainConfig.from_sources(path)
-    assert (paper.steps, paper.branches, paper.seeds_per_prompt, paper.lora_rank, paper.lora_alpha) == (
-        10,
-        6,
-        4,
-        32,
-        64,
-    )
-    assert paper.clip_eps == 1e-4 and paper.lr == 3e-4 and paper.guidance == 5.0 and paper.dtype == "bf16"
+    assert_paper_settings(paper)
+    assert paper.guidance == 5.0 and paper.dtype == "bf16"
     assert paper.max_sequence_length == 512 and (paper.height, paper.width) == (480, 832)
     assert paper.model_args == {"num_frames": 33, "flow_shift": 3.0, "negative_prompt": ""}
     assert set(paper.reward) == {"frames", "temporal-consistency"}
@@ -164,14 +159,8 @@ def test_flux2_example_config_on_the_tiny_flux2_model(tiny, tmp_path):
     length) for 2 iterations on the tiny FLUX.2 model, then `tempflow eval` on the run."""
     path = os.path.join(CONFIGS, "flux2_dev_pickscore.yaml")
     paper = TrainConfig.from_sources(path)
-    assert (paper.steps, paper.branches, paper.seeds_per_prompt, paper.lora_rank, paper.lora_alpha) == (
-        10,
-        6,
-        4,
-        32,
-        64,
-    )
-    assert paper.clip_eps == 1e-4 and paper.lr == 3e-4 and paper.guidance == 4.0 and paper.dtype == "bf16"
+    assert_paper_settings(paper)
+    assert paper.guidance == 4.0 and paper.dtype == "bf16"
     assert paper.max_sequence_length == 512 and set(paper.reward) == {"pickscore"}
     folder = tiny["flux2"]
     out = str(tmp_path / "run")
