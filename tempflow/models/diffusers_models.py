@@ -158,6 +158,16 @@ class _DiffusersModel(FlowModel):
         pooled = torch.stack([p for _, p in rows]).to(self.device, self.dtype)
         return {"hidden": hidden, "pooled": pooled}
 
+    def _check_hidden_rows(self, rows: list, family: str, hint: str, length: int | None = None) -> None:
+        """Precomputed embeddings of the families whose prompt is one tensor: each row ``hidden`` ``(L, D)``
+        (``length`` tokens when given), else an error naming :attr:`embedding_format`, what came, and ``hint`` (how
+        to get them from ``encode_prompt``)."""
+        bad = [tuple(getattr(h, "shape", ())) or type(h).__name__ for h in rows
+               if not isinstance(h, torch.Tensor) or h.dim() != 2 or length not in (None, h.shape[0])]  # fmt: skip
+        if bad:
+            raise ValueError(f"{family} embeddings are one tensor {self.embedding_format} per prompt; got {bad[:3]} "
+                             f"({hint})")  # fmt: skip
+
     def _conditioning(self, cond: dict[str, torch.Tensor], null: dict[str, torch.Tensor]) -> Conditioning:
         """The prompts' tensors and the unconditional prompt's (a leading 1) joined into a Conditioning."""
         return Conditioning(cond, null)

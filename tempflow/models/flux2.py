@@ -87,11 +87,7 @@ class Flux2Model(_PackedModel):
         return {"hidden": hidden.to(self.dtype)}
 
     def _embedding_rows(self, rows):
-        bad = [tuple(getattr(h, "shape", ())) or type(h).__name__ for h in rows
-               if not isinstance(h, torch.Tensor) or h.dim() != 2]  # fmt: skip
-        if bad:
-            raise ValueError(f"FLUX.2 embeddings are one tensor {self.embedding_format} per prompt; got {bad[:3]} (a "
-                             "batch from encode_prompt: take row i, hidden[i])")  # fmt: skip
+        self._check_hidden_rows(rows, "FLUX.2", "a batch from encode_prompt: take row i, hidden[i]")
         lengths = sorted({h.shape[0] for h in rows})
         if len(lengths) > 1:
             raise ValueError(f"FLUX.2 embeddings must all have one length (the pipeline pads every prompt to "

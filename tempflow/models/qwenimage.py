@@ -119,12 +119,8 @@ class QwenImageModel(_PackedModel):
         return {"hidden": hidden.to(self.dtype), "mask": mask.to(torch.long)}
 
     def _embedding_rows(self, rows):
-        bad = [tuple(getattr(h, "shape", ())) or type(h).__name__ for h in rows
-               if not isinstance(h, torch.Tensor) or h.dim() != 2]  # fmt: skip
-        if bad:
-            raise ValueError(f"Qwen-Image embeddings are one tensor {self.embedding_format} per prompt; got "
-                             f"{bad[:3]} (a batch from encode_prompt: take row i's valid tokens, "
-                             "hidden[i][mask[i].bool()])")  # fmt: skip
+        self._check_hidden_rows(rows, "Qwen-Image", "a batch from encode_prompt: take row i's valid tokens, "
+                                "hidden[i][mask[i].bool()]")  # fmt: skip
         masks = [torch.ones(h.shape[0], dtype=torch.long, device=self.device) for h in rows]
         return _pad_rows([h.to(self.device, self.dtype) for h in rows], masks)
 

@@ -150,12 +150,8 @@ class WanModel(_DiffusersModel):
 
     def _embedding_rows(self, rows):
         want = self.max_sequence_length
-        bad = [tuple(getattr(h, "shape", ())) or type(h).__name__ for h in rows
-               if not isinstance(h, torch.Tensor) or h.dim() != 2 or h.shape[0] != want]  # fmt: skip
-        if bad:
-            raise ValueError(f"Wan embeddings are one tensor {self.embedding_format} per prompt, padded to "
-                             f"max_sequence_length={want} tokens as encode_prompt pads them; got "
-                             f"{bad[:3]}")  # fmt: skip
+        self._check_hidden_rows(rows, "Wan", f"padded to max_sequence_length={want} tokens as encode_prompt pads them",
+                                length=want)  # fmt: skip
         return {"hidden": torch.stack(rows).to(self.device, self.dtype)}
 
     def forward_velocity(self, x, t, cond):

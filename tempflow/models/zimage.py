@@ -113,11 +113,7 @@ class ZImageModel(_DiffusersModel):
         return self._embedding_rows(rows)
 
     def _embedding_rows(self, rows):
-        bad = [tuple(getattr(h, "shape", ())) or type(h).__name__ for h in rows
-               if not isinstance(h, torch.Tensor) or h.dim() != 2]  # fmt: skip
-        if bad:
-            raise ValueError(f"Z-Image embeddings are one tensor {self.embedding_format} per prompt; got {bad[:3]} "
-                             "(encode_prompt gives a list of them: take its entry i)")  # fmt: skip
+        self._check_hidden_rows(rows, "Z-Image", "encode_prompt gives a list of them: take its entry i")
         masks = [torch.ones(h.shape[0], dtype=torch.long, device=self.device) for h in rows]
         return _pad_rows([h.to(self.device, self.dtype) for h in rows], masks)
 
